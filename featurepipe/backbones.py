@@ -1,0 +1,506 @@
+"""The backbone registry: one entry per frozen network, and the feature model built from it.
+
+Each ``Backbone`` knows its builder, input size, preprocessing mode, default layer, feature size and
+where its weights come from. ``get_backbone("file:PATH")`` wraps any saved Keras model.
+
+Weights are found in this order: an explicit path (``--weights``), the folder named by
+``$FEATUREPIPE_WEIGHTS``, ``../shared/weights`` beside the project checkout, the Keras cache
+(``~/.keras/models``), then a download (when the network is reachable). A known weights file is
+checked against the hash in its registry entry before it is loaded.
+"""
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+SQUEEZENET_URL = ("https://github.com/DeepCognition/keras-squeezenet/releases/download/v0.4/"
+                  "squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5")
+POOLING_MODES = ("avg", "max")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+PREPROCESS = {
+    # RGB -> BGR, subtract the ImageNet mean (VGG, ResNet50, SqueezeNet)
+    "caffe": lambda x: x[..., ::-1] - CAFFE_MEAN_BGR,
+    # scale to [-1, 1] (Inception, Xception, MobileNet)
+    "tf": lambda x: x / 127.5 - 1.0,
+    # scale to [0, 1], subtract the ImageNet mean, divide by its std (DenseNet)
+    "torch": lambda x: (x / 255.0 - TORCH_MEAN) / TORCH_STD,
+    # scale to [0, 1]
+    "scale": lambda x: x / 255.0,
+    # (x - 127) / 128 (EfficientNet-Lite)
+    "lite": lambda x: (x - 127.0) / 128.0,
+    # raw 0..255 values (EfficientNet-B0 rescales in its graph)
+    "none": lambda x: x,
+}
+
+
+def preprocess(images, mode):
+    """Preprocess RGB images for a network; never modifies ``images``.
+
+    Parameters
+    ----------
+    images : array-like of shape (n, H, W, 3), values 0..255 (uint8 or float)
+    mode : {"caffe", "tf", "torch", "scale", "lite", "none"}
+
+    Returns
+    -------
+    ndarray of shape (n, H, W, 3), float32 (a new array)
+    """
+    if mode not in PREPROCESS:
+        raise UsageError(f"unknown preprocessing '{mode}'; use one of {', '.join(PREPROCESS)}")
+    x = np.array(images, dtype=np.float32, copy=True)
+    return np.ascontiguousarray(PREPROCESS[mode](x), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file a backbone can load: its name, a hash to check, where to download it."""
+
+    filename: str
+    sha256: str = None
+    md5: str = None
+    url: str = None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One frozen network.
+
+    ``builder(weights_path, input_size)`` returns a Keras model whose layer ``layer`` gives the
+    features (a spatial map is globally pooled). ``weights`` lists acceptable files, first preferred.
+    """
+
+    name: str
+    builder: object
+    input_size: int
+    preprocess: str
+    layer: str
+    dim: int
+    weights: tuple = ()
+    description: str = ""
+    model_path: str = None
+
+    @property
+    def weights_source(self):
+        """Where the weights come from, for ``--list-backbones``."""
+        if self.model_path:
+            return f"model file {self.model_path}"
+        if not self.weights:
+            return "none"
+        first = self.weights[0]
+        return f"{first.filename}" + (" (downloadable)" if any(w.url for w in self.weights) else "")
+
+
+def _keras_app(attr, **kwargs):
+    def build(weights_path, input_size):
+        import keras
+
+        model = getattr(keras.applications, attr)(
+            include_top=False, weights=None, input_shape=(input_size, input_size, 3), **kwargs)
+        if weights_path:
+            model.load_weights(weights_path)
+        return model
+
+    build.__name__ = f"build_{attr}"
+    return build
+
+
+def build_squeezenet(weights_path, input_size):
+    """SqueezeNet v1.1 in Keras 3; weights copied in from the keras-squeezenet HDF5 file."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((input_size, input_size, 3))
+    x = layers.Conv2D(64, 3, strides=2, padding="valid", activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
+
+    def fire(x, name, squeeze, expand):
+        s = layers.Conv2D(squeeze, 1, activation="relu", name=f"{name}_squeeze1x1")(x)
+        e1 = layers.Conv2D(expand, 1, activation="relu", name=f"{name}_expand1x1")(s)
+        e3 = layers.Conv2D(expand, 3, padding="same", activation="relu", name=f"{name}_expand3x3")(s)
+        return layers.Concatenate(name=name)([e1, e3])
+
+    x = fire(x, "fire2", 16, 64)
+    x = fire(x, "fire3", 16, 64)
+    x = layers.MaxPooling2D(3, strides=2, name="pool3")(x)
+    x = fire(x, "fire4", 32, 128)
+    x = fire(x, "fire5", 32, 128)
+    x = layers.MaxPooling2D(3, strides=2, name="pool5")(x)
+    x = fire(x, "fire6", 48, 192)
+    x = fire(x, "fire7", 48, 192)
+    x = fire(x, "fire8", 64, 256)
+    x = fire(x, "fire9", 64, 256)
+    model = keras.Model(inputs, x, name="squeezenet")
+    if weights_path:
+        _load_squeezenet_weights(model, weights_path)
+    return model
+
+
+def _load_squeezenet_weights(model, weights_path):
+    import h5py
+
+    with h5py.File(weights_path, "r") as f:
+        for layer in model.layers:
+            if not layer.weights:
+                continue
+            group = f[layer.name.replace("_", "/", 1)] if "_" in layer.name else f[layer.name]
+            # Keras-2 files keep the arrays' order in the group's ``weight_names`` attribute.
+            names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
+            arrays = [np.asarray(_find(group, n)) for n in names]
+            layer.set_weights(arrays)
+
+
+def _find(group, name):
+    """The dataset ``name`` inside ``group``: keras-squeezenet stores some under a nested path."""
+    if name in group:
+        return group[name]
+    base = name.split("/")[-1]
+    found = []
+    group.visititems(lambda key, obj: found.append(obj) if key.split("/")[-1] == base else None)
+    if not found:
+        raise UsageError(f"weights file has no array '{name}' in group '{group.name}'")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(path):
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as err:
+        raise UsageError(f"cannot load Keras model '{path}': {type(err).__name__}: {err}") from None
+
+
+def _load_model_file(path, input_size):
+    return _cached_model(str(path))
+
+
+def _model_input_size(path, default=224):
+    shape = _cached_model(str(path)).inputs[0].shape
+    return int(shape[1]) if shape[1] is not None else default
+
+
+def build_efficientnet_lite0(weights_path, input_size):
+    if not weights_path:
+        raise UsageError("efficientnet_lite0 has no architecture without its weights file; "
+                         "pass --weights efficientnet_lite0_imagenet.keras")
+    return _load_model_file(weights_path, input_size)
+
+
+BACKBONES = {
+    "squeezenet": Backbone(
+        name="squeezenet", builder=build_squeezenet, input_size=227, preprocess="caffe",
+        layer="fire9", dim=512, description="SqueezeNet v1.1 (AlexNet-level accuracy, 1.2 M params)",
+        weights=(WeightsFile("squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             sha256="17154246284f555591549ac2c83e127abfbf4307dc4b0060fdaa2931d0fa38da",
+                             md5="80b66c92d79d4310e07fb60a297bf0d1", url=SQUEEZENET_URL),)),
+    "mobilenet": Backbone(
+        name="mobilenet", builder=_keras_app("MobileNet", alpha=1.0), input_size=224,
+        preprocess="tf", layer="conv_pw_13_relu", dim=1024, description="MobileNet v1 1.0",
+        weights=(WeightsFile("mobilenet_1.0_224_imagenet_notop.weights.h5",
+                             sha256="6db3b6257115165ca29c221decdae4719bf03cafc0454932bc88af12da7fefcd"),
+                 WeightsFile("mobilenet_1_0_224_tf_no_top.h5",
+                             url=KERAS_URL + "mobilenet/mobilenet_1_0_224_tf_no_top.h5"))),
+    "mobilenet_v2": Backbone(
+        name="mobilenet_v2", builder=_keras_app("MobileNetV2", alpha=1.0), input_size=224,
+        preprocess="tf", layer="out_relu", dim=1280, description="MobileNetV2 1.0",
+        weights=(WeightsFile("mobilenet_v2_1.0_224_imagenet_notop.weights.h5",
+                             sha256="521f4e028967ba72839c8b4e085cc484b17df003c2acc7122bf3243747d25bc5"),
+                 WeightsFile("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                             url=KERAS_URL + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf"
+                                             "_kernels_1.0_224_no_top.h5"))),
+    "efficientnet_lite0": Backbone(
+        name="efficientnet_lite0", builder=build_efficientnet_lite0, input_size=224,
+        preprocess="lite", layer="avg_pool", dim=1280, description="EfficientNet-Lite0",
+        weights=(WeightsFile("efficientnet_lite0_imagenet.keras",
+                             sha256="9f2182613c8f8557cfd9ee76195b15cf9e6f10f0921e20a6ab3d47856e8540c2"),)),
+    "vgg16": Backbone(
+        name="vgg16", builder=_keras_app("VGG16"), input_size=224, preprocess="caffe",
+        layer="block5_pool", dim=512, description="VGG16",
+        weights=(WeightsFile("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="6d6bbae143d832006294945121d1f1fc",
+                             url=KERAS_URL + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "vgg19": Backbone(
+        name="vgg19", builder=_keras_app("VGG19"), input_size=224, preprocess="caffe",
+        layer="block5_pool", dim=512, description="VGG19",
+        weights=(WeightsFile("vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="253f8cb515780f3b799900260a226db6",
+                             url=KERAS_URL + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "resnet50": Backbone(
+        name="resnet50", builder=_keras_app("ResNet50"), input_size=224, preprocess="caffe",
+        layer="conv5_block3_out", dim=2048, description="ResNet50",
+        weights=(WeightsFile("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="4d473c1dd8becc155b73f8504c6f6626",
+                             url=KERAS_URL + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "inception_v3": Backbone(
+        name="inception_v3", builder=_keras_app("InceptionV3"), input_size=299, preprocess="tf",
+        layer="mixed10", dim=2048, description="Inception v3",
+        weights=(WeightsFile("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="bcbd6486424b2319ff4ef7d526e38f63",
+                             url=KERAS_URL + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "xception": Backbone(
+        name="xception", builder=_keras_app("Xception"), input_size=299, preprocess="tf",
+        layer="block14_sepconv2_act", dim=2048, description="Xception",
+        weights=(WeightsFile("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="b0042744bf5b25fce3cb969f33bebb97",
+                             url=KERAS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "densenet121": Backbone(
+        name="densenet121", builder=_keras_app("DenseNet121"), input_size=224, preprocess="torch",
+        layer="relu", dim=1024, description="DenseNet121",
+        weights=(WeightsFile("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                             md5="30ee3e1110167f948a6b9946edeeb738",
+                             url=KERAS_URL + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),)),
+    "efficientnet_b0": Backbone(
+        name="efficientnet_b0", builder=_keras_app("EfficientNetB0"), input_size=224,
+        preprocess="none", layer="top_activation", dim=1280, description="EfficientNet-B0",
+        weights=(WeightsFile("efficientnetb0_notop.h5", md5="50bc09e76180e00e4465e1a485ddc09d",
+                             url=KERAS_URL + "efficientnetb0_notop.h5"),)),
+}
+
+
+def get_backbone(name, *, preprocess_mode=None):
+    """The registry entry for ``name``, or a ``file:PATH`` entry wrapping a saved Keras model."""
+    if name.startswith("file:"):
+        path = Path(name[len("file:"):]).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file not found: '{path}' (from --backbone {name})")
+        if preprocess_mode is None:
+            raise UsageError(f"--backbone {name} needs --preprocess caffe|tf|torch|scale|none "
+                             "(how that model expects its pixels)")
+        return Backbone(name=name, builder=_load_model_file, input_size=_model_input_size(path),
+                        preprocess=preprocess_mode, layer=None, dim=None,
+                        description=f"Keras model file {path.name}", model_path=str(path.resolve()))
+    if name not in BACKBONES:
+        raise UsageError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}, or file:PATH")
+    entry = BACKBONES[name]
+    if preprocess_mode is not None and preprocess_mode != entry.preprocess:
+        entry = replace(entry, preprocess=preprocess_mode)
+    return entry
+
+
+def backbone_file_stem(name):
+    """A file name stem for a backbone name (``file:/x/net.keras`` -> ``net``)."""
+    if name.startswith("file:"):
+        return Path(name[len("file:"):]).stem
+    return name
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def file_sha256(path, chunk=1 << 20):
+    """sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_md5(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_search_dirs():
+    """Folders searched for weights files, in order."""
+    dirs = []
+    if os.environ.get("FEATUREPIPE_WEIGHTS"):
+        dirs.append(Path(os.environ["FEATUREPIPE_WEIGHTS"]).expanduser())
+    project = Path(__file__).resolve().parent.parent
+    dirs += [project / "data" / "weights", project.parent / "shared" / "weights"]
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    dirs.append(keras_home / "models")
+    return dirs
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The weights file a run uses: its path, how it was found, and its sha256."""
+
+    path: str
+    source: str
+    sha256: str
+
+
+def check_weights_file(path, known):
+    """Compare a file with the hash its registry entry carries; raise a one-line error if wrong."""
+    sha = file_sha256(path)
+    if known is not None:
+        if known.sha256 and sha != known.sha256:
+            raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
+                             f"(sha256 {sha[:12]}..., expected {known.sha256[:12]}...); replace it")
+        if not known.sha256 and known.md5 and _file_md5(path) != known.md5:
+            raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
+                             f"(md5 mismatch); replace it")
+    return sha
+
+
+def resolve_weights(backbone, weights=None, *, download=True):
+    """Find the weights file for ``backbone``.
+
+    Parameters
+    ----------
+    weights : str or Path, optional
+        An explicit file (``--weights``); checked against the registry hash when its file name is
+        a known one. ``"none"`` gives random initial weights (for tests and shape checks).
+
+    Returns
+    -------
+    ResolvedWeights or None (random weights)
+    """
+    if backbone.model_path:
+        return ResolvedWeights(backbone.model_path, "model file", file_sha256(backbone.model_path))
+    if weights is not None and str(weights).lower() == "none":
+        return None
+    by_name = {w.filename: w for w in backbone.weights}
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--weights file not found: '{path}'")
+        return ResolvedWeights(str(path.resolve()), "--weights", check_weights_file(path, by_name.get(path.name)))
+    for folder in weights_search_dirs():
+        for known in backbone.weights:
+            path = folder / known.filename
+            if path.is_file():
+                return ResolvedWeights(str(path.resolve()), str(folder), check_weights_file(path, known))
+    if download:
+        for known in backbone.weights:
+            if known.url:
+                path = _download(known)
+                if path:
+                    return ResolvedWeights(path, known.url, check_weights_file(path, known))
+    names = " or ".join(w.filename for w in backbone.weights) or "(none known)"
+    raise UsageError(f"no weights for '{backbone.name}' offline: put {names} in the folder named by "
+                     "FEATUREPIPE_WEIGHTS or pass --weights PATH")
+
+
+def _download(known):
+    import keras
+
+    try:
+        return keras.utils.get_file(known.filename, known.url, cache_subdir="models",
+                                    file_hash=known.md5)
+    except Exception:  # offline, proxy, HTTP error: fall through to the one-line error
+        return None
+
+
+# --------------------------------------------------------------------------- feature model
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that determines the numbers in a feature file (compared on resume)."""
+
+    backbone: str
+    layer: str
+    pooling: str
+    image_size: int
+    resize: str
+    preprocess: str
+    augment: str
+    weights_source: str
+    weights_sha256: str
+
+    def identity(self):
+        """The settings a resumed or incremental run must share with the existing file."""
+        return {k: v for k, v in self.__dict__.items() if k != "weights_source"}
+
+
+def make_spec(backbone, *, layer=None, pooling="avg", image_size=None, resize="stretch",
+              augment="none", weights=None):
+    """Resolve a backbone's settings (weights included) into a FeatureSpec."""
+    if pooling not in POOLING_MODES:
+        raise UsageError(f"unknown pooling '{pooling}'; use avg or max")
+    if augment not in ("none", "flip"):
+        raise UsageError(f"unknown augment '{augment}'; use flip (or none)")
+    resolved = resolve_weights(backbone, weights)
+    return FeatureSpec(
+        backbone=backbone.name,
+        layer=layer or backbone.layer or "",
+        pooling=pooling,
+        image_size=int(image_size or backbone.input_size),
+        resize=resize,
+        preprocess=backbone.preprocess,
+        augment=augment,
+        weights_source=resolved.source if resolved else "random init (no weights)",
+        weights_sha256=resolved.sha256 if resolved else "",
+    ), resolved
+
+
+def build_feature_model(backbone, spec, resolved):
+    """A Keras model mapping preprocessed images (n, S, S, 3) to features (n, D).
+
+    The output of ``spec.layer`` (the model's last layer when empty) is globally pooled when it is
+    a spatial map.
+    """
+    import keras
+
+    base = backbone.builder(resolved.path if resolved else None, spec.image_size)
+    base.trainable = False
+    if spec.layer:
+        try:
+            out = base.get_layer(spec.layer).output
+        except ValueError:
+            raise UsageError(f"backbone '{backbone.name}' has no layer '{spec.layer}'; "
+                             f"see --list-layers {backbone.name}") from None
+    else:
+        out = base.outputs[0]
+    inputs = base.inputs[0]
+    if len(out.shape) == 4:
+        pool = keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        out = pool(name="featurepipe_pool")(out)
+    elif len(out.shape) != 2:
+        raise UsageError(f"layer '{spec.layer}' has output shape {tuple(out.shape)}; pick a layer "
+                         "with a (H, W, C) or (C,) output (see --list-layers)")
+    if base.inputs[0].shape[1] is None:
+        # Models with a free input size get a fixed one, so engines can compile for it.
+        inputs = keras.Input((spec.image_size, spec.image_size, 3))
+        sub = keras.Model(base.inputs, out)
+        return keras.Model(inputs, sub(inputs), name=_model_name(backbone))
+    return keras.Model(inputs, out, name=_model_name(backbone))
+
+
+def _model_name(backbone):
+    return "".join(c if c.isalnum() else "_" for c in backbone_file_stem(backbone.name)) + "_features"
+
+
+def list_layers(backbone, weights="none", image_size=None):
+    """(name, output shape) for every layer of a backbone (built without weights when possible)."""
+    size = int(image_size or backbone.input_size)
+    path = None
+    if backbone.model_path:
+        path = backbone.model_path
+    elif backbone.builder is build_efficientnet_lite0:
+        path = resolve_weights(backbone, None if weights == "none" else weights).path
+    model = backbone.builder(path, size)
+    rows = []
+    for layer in model.layers:
+        try:
+            shape = tuple(layer.output.shape)
+        except (AttributeError, ValueError):
+            shape = "?"
+        rows.append((layer.name, shape))
+    return rows

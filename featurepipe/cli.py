@@ -1,0 +1,21 @@
+"""Helpers shared by the ``python -m featurepipe.<stage>`` entry points."""
+
+import os
+import sys
+
+from .errors import FeaturepipeError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def run_main(func, argv=None):
+    """Call ``func(argv)``; turn a FeaturepipeError into one stderr line and exit code 2."""
+    try:
+        return func(argv) or 0
+    except FeaturepipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,599 @@
+"""Extract features: image folders -> one HDF5 file per frozen backbone.
+
+``extract(data, backbones, ...)`` is the whole job; ``python -m featurepipe.extract`` only parses
+arguments. Work is saved in chunks (``OUT/.<name>.parts/``) as it finishes, and the feature file
+is assembled under a temporary name and renamed into place, so a run killed at any moment and
+started again redoes only the unfinished chunks. A re-run on a grown folder extracts only the new
+or edited images.
+"""
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
+                        list_layers, make_spec)
+from .engines import FeatureModel
+from .errors import DataError, ImageError, UsageError
+from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
+from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
+
+DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
+
+
+def data_home():
+    """The folder for datasets and feature files (``$FEATUREPIPE_DATA`` or ``./data``)."""
+    return Path(os.environ.get("FEATUREPIPE_DATA", "data"))
+
+
+def default_out_dir(data):
+    """``data/features/<name of the data folder or CSV>``."""
+    data = Path(data)
+    name = data.stem if data.is_file() else data.resolve().name
+    return data_home() / "features" / name
+
+
+def latest_pointer():
+    """The file naming the feature files of the most recent extract run."""
+    return data_home() / "features" / "latest.json"
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one backbone's run did."""
+
+    path: Path
+    n_rows: int
+    n_extracted: int
+    n_kept: int
+    n_skipped: int
+    n_new_skipped: int
+    seconds: float
+    duplicate_groups: int
+    duplicate_leaks: int
+
+    def summary(self):
+        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.path.name}: {self.n_rows} images ({self.n_extracted} extracted, "
+                f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
+                f"{rate:.1f} img/s -> {self.path}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Settings shared by every backbone of one run."""
+
+    batch_size: int = 32
+    image_size: int = None
+    layer: str = None
+    pooling: str = "avg"
+    weights: str = None
+    preprocess: str = None
+    resize: str = "stretch"
+    augment: str = "none"
+    test_size: float = 0.2
+    val_size: float = 0.0
+    seed: int = 0
+    overwrite: bool = False
+    engine: str = "auto"
+    quiet: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = None
+    chunk_size: int = None
+
+
+def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
+    """Extract features of every image under ``data`` with each backbone.
+
+    Parameters
+    ----------
+    data : str or Path
+        Folder of class folders (optionally below ``train/val/test``) or a CSV manifest.
+    backbones : list of str
+        Registry names or ``file:PATH``.
+    out : str or Path, optional
+        Output folder; default ``data/features/<name of data>``.
+    **options
+        See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
+        augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
+        chunk_size.
+
+    Returns
+    -------
+    list of ExtractResult, one per backbone
+    """
+    opts = Options(**options)
+    backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
+    _validate(opts, backbones)
+    index = list_images(data)
+    out_dir = Path(out) if out is not None else default_out_dir(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
+    pointer = latest_pointer()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(pointer, {"data": str(index.root), "files": [str(r.path.resolve()) for r in results]})
+    return results
+
+
+def _validate(opts, backbones):
+    if not backbones:
+        raise UsageError("no backbone given; pass --backbone NAME (see --list-backbones)")
+    if len(set(backbones)) != len(backbones):
+        raise UsageError("a backbone is named twice in --backbone")
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.image_size is not None and opts.image_size < 8:
+        raise UsageError(f"--image-size must be >= 8, got {opts.image_size}")
+    if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
+        raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
+                         f"(got {opts.test_size} and {opts.val_size})")
+    if opts.pooling not in POOLING_MODES:
+        raise UsageError(f"unknown --pooling '{opts.pooling}'; use avg or max")
+    if opts.resize not in RESIZE_MODES:
+        raise UsageError(f"unknown --resize '{opts.resize}'; use one of {', '.join(RESIZE_MODES)}")
+    if opts.augment not in ("none", "flip"):
+        raise UsageError(f"unknown --augment '{opts.augment}'; use flip")
+    if opts.preprocess is not None and opts.preprocess not in PREPROCESS:
+        raise UsageError(f"unknown --preprocess '{opts.preprocess}'; use one of {', '.join(PREPROCESS)}")
+    if len(backbones) > 1 and (opts.weights or opts.layer):
+        raise UsageError("--weights and --layer apply to one backbone; run one --backbone at a time")
+    for name in backbones:
+        get_backbone(name, preprocess_mode=opts.preprocess)
+
+
+class _Lock:
+    """An exclusive, non-blocking lock on an output file (released by the OS if the process dies)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise UsageError(f"another featurepipe run is writing '{self.path.name[1:-5]}' "
+                             "(wait for it to finish)") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def output_path(out_dir, backbone_name, augment):
+    stem = backbone_file_stem(backbone_name) + ("-flip" if augment == "flip" else "")
+    return Path(out_dir) / f"{stem}.h5"
+
+
+def _extract_backbone(index, name, out_dir, opts):
+    started = time.time()
+    backbone = get_backbone(name, preprocess_mode=opts.preprocess)
+    spec, resolved = make_spec(backbone, layer=opts.layer, pooling=opts.pooling,
+                               image_size=opts.image_size, resize=opts.resize,
+                               augment=opts.augment, weights=opts.weights)
+    path = output_path(out_dir, name, opts.augment)
+    with _Lock(path.with_name(f".{path.name}.lock")):
+        old = _existing_file(path, spec, opts.overwrite)
+        plan = _plan(index, old, out_dir, path, opts)
+        model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
+        parts_dir = path.with_name(f".{path.stem}.parts")
+        extracted, new_skipped = _run_chunks(index, plan, model, spec, parts_dir, opts)
+        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    if not opts.quiet:
+        print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _existing_file(path, spec, overwrite):
+    """The old file's rows (without features) when it can be extended, else None."""
+    if not path.exists() or overwrite:
+        return None
+    try:
+        old = load(path, features=False)
+    except DataError as err:
+        raise UsageError(f"{err}; pass --overwrite to replace it") from None
+    changed = [f"{k}={old.attrs.get(k)!r} (now {v!r})" for k, v in spec.identity().items()
+               if str(old.attrs.get(k, "")) != str(v)]
+    if changed:
+        raise UsageError(f"'{path}' was made with other settings: {', '.join(changed)}; pass "
+                         "--overwrite to replace it or --out to write elsewhere")
+    return old
+
+
+@dataclass
+class _Plan:
+    stats: list          # (size, mtime_ns) or None per index entry
+    keep: dict           # index position -> old row
+    keep_skipped: dict   # index position -> (reason, size, mtime)
+    refreshed: dict      # index position -> (size, mtime) for kept rows whose stat changed
+    pending: list        # index positions to extract
+    split: list          # split per index entry
+
+
+def _plan(index, old, out_dir, path, opts):
+    stats = []
+    for rel in index.paths:
+        try:
+            stats.append(file_stat(index.absolute(rel)))
+        except OSError:
+            stats.append(None)
+    keep, keep_skipped, refreshed, pending = {}, {}, {}, []
+    old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
+    old_skips = {}
+    if old is not None:
+        for (p, reason), (size, mtime) in zip(old.skipped, old.skipped_stat):
+            old_skips[p] = (reason, int(size), int(mtime))
+    for pos, rel in enumerate(index.paths):
+        stat = stats[pos]
+        row = old_rows.get(rel)
+        if stat is not None and row is not None:
+            if (int(old.file_size[row]), int(old.mtime_ns[row])) == stat:
+                keep[pos] = row
+                continue
+            if _same_content(index.absolute(rel), old.sha1[row]):
+                keep[pos], refreshed[pos] = row, stat
+                continue
+        if stat is not None and rel in old_skips and old_skips[rel][1:] == stat:
+            keep_skipped[pos] = old_skips[rel]
+            continue
+        pending.append(pos)
+    split = _splits(index, old, keep, out_dir, path, opts)
+    return _Plan(stats, keep, keep_skipped, refreshed, pending, split)
+
+
+def _same_content(abs_path, old_sha1):
+    try:
+        with open(abs_path, "rb") as fh:
+            return content_hash(fh.read()) == old_sha1
+    except OSError:
+        return False
+
+
+def _splits(index, old, keep, out_dir, path, opts):
+    """Splits: given by the layout, else kept from this file or its siblings, else assigned."""
+    if index.given_split is not None:
+        return list(index.given_split)
+    known = {}
+    for sibling in sorted(Path(out_dir).glob("*.h5")):
+        if sibling == path:
+            continue
+        try:
+            other = load(sibling, features=False)
+        except Exception:
+            continue
+        if other.attrs.get("seed") == opts.seed and other.attrs.get("split_source") == "assigned":
+            known.update(zip(other.paths, other.split))
+    if old is not None:
+        known.update({index.paths[pos]: old.split[row] for pos, row in keep.items()})
+    known = {p: s for p, s in known.items()}
+    return assign_split(index.paths, index.labels, test_size=opts.test_size,
+                        val_size=opts.val_size, seed=opts.seed, known=known)
+
+
+def _chunks(pending, index, stats, chunk_size):
+    """Fixed chunks of the pending work, each named by a digest of what it holds."""
+    for k, start in enumerate(range(0, len(pending), chunk_size)):
+        members = pending[start:start + chunk_size]
+        digest = hashlib.sha1("\n".join(f"{index.paths[p]}|{stats[p]}" for p in members).encode()).hexdigest()[:16]
+        yield f"part-{k:06d}-{digest}.npz", members
+
+
+def _safe_load(abs_path, size, resize, max_pixels):
+    try:
+        return load_image(abs_path, size, resize, max_pixels=max_pixels)
+    except ImageError as err:
+        return err
+    except Exception as err:  # never let one file end the run
+        return ImageError(f"cannot decode: {type(err).__name__}: {err}")
+
+
+def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS):
+    """Yield ``(rgb, sha1)`` or an ImageError per path, in order, decoding ahead in threads.
+
+    Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
+    """
+    workers = workers or max(2, min(8, os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode") as pool:
+        futures = deque()
+        paths = iter(abs_paths)
+        for p in paths:
+            futures.append(pool.submit(_safe_load, p, size, resize, max_pixels))
+            if len(futures) >= prefetch:
+                break
+        while futures:
+            result = futures.popleft().result()
+            nxt = next(paths, None)
+            if nxt is not None:
+                futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels))
+            yield result
+
+
+def _progress(total, desc, quiet):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.1)
+
+
+def _run_chunks(index, plan, model, spec, parts_dir, opts):
+    """Extract pending images chunk by chunk; return (per-position features dict, skipped)."""
+    chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
+    chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
+    _prepare_parts_dir(parts_dir, spec)
+    done, todo = {}, []
+    for name, members in chunks:
+        part = load_part(parts_dir / name) if (parts_dir / name).exists() else None
+        if part is not None:
+            done[name] = part
+        else:
+            todo.append((name, members))
+    bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
+    bar.update(sum(len(m) for n, m in chunks if n in done))
+    work = [p for _, members in todo for p in members]
+    stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
+                            spec.resize, workers=opts.workers, max_pixels=opts.max_pixels)
+    try:
+        for name, members in todo:
+            done[name] = _extract_chunk(members, stream, model, opts.batch_size, bar)
+            save_part(parts_dir / name, **done[name])
+    finally:
+        stream.close()
+        bar.close()
+    return _collect(done)
+
+
+def _prepare_parts_dir(parts_dir, spec):
+    marker = parts_dir / "settings.json"
+    import json
+
+    if parts_dir.exists():
+        try:
+            same = json.loads(marker.read_text()) == spec.identity()
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        write_json_atomic(marker, spec.identity())
+
+
+def _extract_chunk(members, stream, model, batch_size, bar):
+    """Features of one chunk; batches never cross chunk boundaries, so a resumed run repeats them."""
+    ok_pos, feats, sha1s, bad_pos, reasons = [], [], [], [], []
+    for start in range(0, len(members), batch_size):
+        batch_pos = members[start:start + batch_size]
+        images, good = [], []
+        for pos in batch_pos:
+            item = next(stream)
+            if isinstance(item, ImageError):
+                bad_pos.append(pos)
+                reasons.append(str(item))
+            else:
+                images.append(item[0])
+                good.append(pos)
+                sha1s.append(item[1])
+        if images:
+            feats.append(model(np.stack(images)))
+            ok_pos += good
+        bar.update(len(batch_pos))
+    dim = feats[0].shape[1] if feats else 0
+    return {
+        "positions": np.array(ok_pos, dtype=np.int64),
+        "features": np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
+        "sha1": np.array(sha1s, dtype="U40"),
+        "bad_positions": np.array(bad_pos, dtype=np.int64),
+        "bad_reasons": np.array(reasons, dtype=str),
+    }
+
+
+def _collect(done):
+    parts = [done[name] for name in sorted(done)]
+    skipped = {}
+    for part in parts:
+        skipped.update(zip(part["bad_positions"].tolist(), part["bad_reasons"].tolist()))
+    return parts, skipped
+
+
+def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started):
+    """Write the final file: kept rows from the old file and the new parts, sorted by path."""
+    parts = [p for p in parts if len(p["positions"])]
+    good_positions = sorted(set(plan.keep) | {int(p) for part in parts for p in part["positions"]})
+    if not good_positions:
+        reasons = sorted(set(new_skipped.values()))[:3]
+        raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
+                        f"{'; '.join(reasons)})")
+    dim = parts[0]["features"].shape[1] if parts else int(old.attrs["feature_dim"])
+    row_of = {pos: r for r, pos in enumerate(good_positions)}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
+                               class_names=index.class_names,
+                               attrs=_attrs(index, spec, model, opts, dim, old, now))
+    try:
+        _write_kept(writer, index, plan, old, row_of)
+        for part in parts:
+            _write_part(writer, index, plan, part, row_of)
+        skipped = _skipped_rows(index, plan, new_skipped)
+        writer.write_skipped(skipped)
+        dup_groups, dup_leaks = _duplicates(writer)
+        writer.set_attrs(n_rows=len(good_positions), n_skipped=len(skipped),
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    n_new = sum(len(p["positions"]) for p in parts)
+    return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
+                         n_kept=len(plan.keep), n_skipped=len(skipped),
+                         n_new_skipped=len(new_skipped), seconds=time.time() - started,
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
+
+
+def _row_fields(index, plan, positions):
+    return dict(labels=index.labels[positions], paths=[index.paths[p] for p in positions],
+                split=[plan.split[p] for p in positions],
+                file_size=[plan.stats[p][0] for p in positions],
+                mtime_ns=[plan.stats[p][1] for p in positions])
+
+
+def _write_kept(writer, index, plan, old, row_of):
+    if not plan.keep:
+        return
+    from .store import iter_feature_blocks
+
+    pos_of_old = {row: pos for pos, row in plan.keep.items()}
+    for old_rows, feats in iter_feature_blocks(old.source, sorted(pos_of_old)):
+        positions = [pos_of_old[int(r)] for r in old_rows]
+        writer.write_rows([row_of[p] for p in positions], features=feats,
+                          sha1=[old.sha1[r] for r in old_rows], **_row_fields(index, plan, positions))
+
+
+def _write_part(writer, index, plan, part, row_of):
+    positions = [int(p) for p in part["positions"]]
+    writer.write_rows([row_of[p] for p in positions], features=part["features"],
+                      sha1=list(part["sha1"]), **_row_fields(index, plan, positions))
+
+
+def _skipped_rows(index, plan, new_skipped):
+    rows = [(index.paths[pos], reason, size, mtime) for pos, (reason, size, mtime) in plan.keep_skipped.items()]
+    rows += [(index.paths[pos], reason, *plan.stats[pos]) for pos, reason in new_skipped.items()]
+    rows += [(rel, "cannot stat file", -1, -1) for rel, st in zip(index.paths, plan.stats) if st is None]
+    return sorted(rows)
+
+
+def _duplicates(writer):
+    """Count byte-identical images (groups) and those that span splits (leaks); warn about them."""
+    f = writer.file
+    sha1 = f["sha1"].asstr()[()]
+    split = f["split"].asstr()[()]
+    paths = f["paths"].asstr()[()]
+    groups = {}
+    for i, h in enumerate(sha1):
+        groups.setdefault(h, []).append(i)
+    dups = [g for g in groups.values() if len(g) > 1]
+    leaks = [g for g in dups if len({split[i] for i in g}) > 1]
+    if dups:
+        example = ", ".join(paths[i] for i in (leaks or dups)[0])
+        warnings.warn(f"{len(dups)} groups of byte-identical images ({len(leaks)} across splits, "
+                      f"which leaks test answers into training), e.g. {example}", stacklevel=2)
+    return len(dups), len(leaks)
+
+
+def _versions():
+    import tensorflow as tf
+    import keras
+
+    return tf.__version__, keras.__version__
+
+
+def _attrs(index, spec, model, opts, dim, old, now):
+    tf_version, keras_version = _versions()
+    attrs = dict(spec.__dict__)
+    attrs.update(
+        feature_dim=dim,
+        engine=model.engine_name if model._engine is None else model.engine.name,
+        featurepipe_version=__version__,
+        tensorflow_version=tf_version,
+        keras_version=keras_version,
+        data_root=str(index.root),
+        seed=opts.seed,
+        test_size=opts.test_size,
+        val_size=opts.val_size,
+        split_source="given" if index.given_split is not None else "assigned",
+        created=(old.attrs.get("created") if old is not None else None) or now,
+        updated=now,
+    )
+    return attrs
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m featurepipe.extract",
+        description="Extract frozen-CNN features of labelled image folders into one HDF5 file per backbone.")
+    p.add_argument("--data", help="folder of class folders (optionally under train/val/test) or a CSV manifest path,label[,split]")
+    p.add_argument("--backbone", action="append", metavar="NAME",
+                   help="backbone name (repeatable) or file:PATH of a Keras model; default: "
+                        + " ".join(DEFAULT_BACKBONES))
+    p.add_argument("--out", help="output folder (default data/features/<name of DATA>)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's)")
+    p.add_argument("--layer", help="an inner layer instead of the default (see --list-layers)")
+    p.add_argument("--pooling", choices=POOLING_MODES, default="avg", help="global pooling of a spatial map")
+    p.add_argument("--weights", help="weights file (default: $FEATUREPIPE_WEIGHTS, Keras cache, download)")
+    p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
+                   help="stretch: whole image resized, no crop (default); crop: centre crop; pad: letterbox")
+    p.add_argument("--augment", choices=("none", "flip"), default="none",
+                   help="flip: average the features of the image and its mirror (<backbone>-flip.h5)")
+    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--val-size", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="auto", help="forward-pass engine: auto, tf")
+    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    p.add_argument("--overwrite", action="store_true", help="replace a file made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
+    p.add_argument("--list-layers", metavar="BACKBONE", help="print a backbone's layers and output shapes")
+    return p
+
+
+def print_backbones(file=sys.stdout):
+    print(f"{'name':20} {'input':>7} {'features':>8}  weights", file=file)
+    for b in BACKBONES.values():
+        print(f"{b.name:20} {b.input_size:>7} {b.dim:>8}  {b.weights_source}", file=file)
+    print(f"{'file:PATH':20} {'model':>7} {'layer':>8}  any saved Keras model (+ --preprocess)", file=file)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.list_backbones:
+        print_backbones()
+        return 0
+    if args.list_layers:
+        backbone = get_backbone(args.list_layers, preprocess_mode=args.preprocess or "none")
+        for name, shape in list_layers(backbone, weights=args.weights or "none", image_size=args.image_size):
+            print(f"{name:40} {shape}")
+        return 0
+    if not args.data:
+        raise UsageError("--data is required: a folder of class folders or a CSV manifest")
+    options = dict(batch_size=args.batch_size, image_size=args.image_size, layer=args.layer,
+                   pooling=args.pooling, weights=args.weights, preprocess=args.preprocess,
+                   resize=args.resize, augment=args.augment, test_size=args.test_size,
+                   val_size=args.val_size, seed=args.seed, overwrite=args.overwrite,
+                   engine=args.engine, quiet=args.quiet, max_pixels=args.max_pixels,
+                   workers=args.workers)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_line
+        extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
+    return 0
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    sys.exit(run_main(main))

@@ -1,0 +1,266 @@
+"""The HDF5 feature file: the one place that knows its layout (mirrored in the README).
+
+Datasets (N rows, D features, C classes, M skipped files)::
+
+    features        float32 (N, D)
+    labels          int32   (N,)      index into class_names
+    paths           utf-8   (N,)      relative to the data root, '/' separators, sorted
+    split           utf-8   (N,)      'train' | 'val' | 'test'
+    class_names     utf-8   (C,)
+    file_size       int64   (N,)      bytes, when extracted
+    mtime_ns        int64   (N,)      modification time (ns), when extracted
+    sha1            utf-8   (N,)      content hash of the image file
+    skipped         utf-8   (M, 2)    [path, reason] of every unreadable file
+    skipped_stat    int64   (M, 2)    [file_size, mtime_ns] of those files
+
+Attributes hold the provenance (backbone, layer, pooling, image_size, resize, preprocess, augment,
+weights_source, weights_sha256, engine, versions, data_root, created, ...).
+
+A file is only ever written under a temporary name and renamed into place when complete, so a
+reader never sees a half-written file, whatever happens to the writer.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import DataError
+
+STR = h5py.string_dtype("utf-8")
+REQUIRED = ("features", "labels", "paths", "split", "class_names")
+ROW_DATASETS = ("labels", "paths", "split", "file_size", "mtime_ns", "sha1")
+
+
+@dataclass(frozen=True)
+class Features:
+    """The contents of a feature file.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32, or None when read without features
+    y : ndarray of shape (n_samples,), int32
+    paths, split, sha1 : ndarray of shape (n_samples,), str
+    class_names : list of str
+    attrs : dict
+    file_size, mtime_ns : ndarray of shape (n_samples,), int64
+    skipped : list of (path, reason)
+    skipped_stat : ndarray of shape (n_skipped, 2), int64
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    paths: np.ndarray
+    split: np.ndarray
+    class_names: list
+    attrs: dict
+    file_size: np.ndarray = None
+    mtime_ns: np.ndarray = None
+    sha1: np.ndarray = None
+    skipped: list = field(default_factory=list)
+    skipped_stat: np.ndarray = None
+    source: str = ""
+
+    def __len__(self):
+        return len(self.paths)
+
+    def subset(self, *splits):
+        """The rows whose split is one of ``splits`` (e.g. ``subset("train", "val")``)."""
+        mask = np.isin(self.split, splits)
+        return self._rows(mask)
+
+    def _rows(self, index):
+        def take(a):
+            return None if a is None else a[index]
+
+        return Features(X=take(self.X), y=take(self.y), paths=take(self.paths),
+                        split=take(self.split), class_names=self.class_names, attrs=self.attrs,
+                        file_size=take(self.file_size), mtime_ns=take(self.mtime_ns),
+                        sha1=take(self.sha1), skipped=self.skipped,
+                        skipped_stat=self.skipped_stat, source=self.source)
+
+    def align(self, paths):
+        """The rows for ``paths`` in that order (every path must be present)."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        missing = [p for p in paths if p not in where]
+        if missing:
+            raise DataError(f"{len(missing)} paths not in {self.source or 'feature file'}, e.g. {missing[0]}")
+        return self._rows(np.array([where[p] for p in paths], dtype=np.int64))
+
+
+def _strings(ds):
+    return np.array(ds.asstr()[()], dtype=object)
+
+
+def _attr_value(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def load(path, *, features=True):
+    """Read a feature file written by featurepipe (or anything following the contract).
+
+    Parameters
+    ----------
+    path : str or Path
+    features : bool, default True
+        False skips the (large) feature matrix: ``X`` is None.
+
+    Returns
+    -------
+    Features
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"feature file not found: '{path}'")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"'{path}' is not an HDF5 feature file ({err})") from None
+    with f:
+        missing = [k for k in REQUIRED if k not in f]
+        if missing:
+            raise DataError(f"'{path}' is not a featurepipe feature file (missing {', '.join(missing)})")
+        n = f["paths"].shape[0]
+        X = f["features"][()] if features else None
+        if X is not None and (X.ndim != 2 or X.shape[0] != n):
+            raise DataError(f"'{path}': features shape {X.shape} does not match {n} paths")
+        skipped = [tuple(r) for r in f["skipped"].asstr()[()]] if "skipped" in f else []
+        return Features(
+            X=None if X is None else X.astype(np.float32, copy=False),
+            y=f["labels"][()].astype(np.int32),
+            paths=_strings(f["paths"]),
+            split=_strings(f["split"]),
+            class_names=list(_strings(f["class_names"])),
+            attrs={k: _attr_value(v) for k, v in f.attrs.items()},
+            file_size=f["file_size"][()] if "file_size" in f else None,
+            mtime_ns=f["mtime_ns"][()] if "mtime_ns" in f else None,
+            sha1=_strings(f["sha1"]) if "sha1" in f else None,
+            skipped=skipped,
+            skipped_stat=f["skipped_stat"][()] if "skipped_stat" in f else np.zeros((0, 2), np.int64),
+            source=str(path),
+        )
+
+
+def read_attrs(path):
+    """Only the attributes of a feature file."""
+    with h5py.File(path, "r") as f:
+        return {k: _attr_value(v) for k, v in f.attrs.items()}
+
+
+def iter_feature_blocks(path, rows, block=4096):
+    """Yield (row indices, features) for sorted ``rows`` of a file, ``block`` rows at a time."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with h5py.File(path, "r") as f:
+        ds = f["features"]
+        for start in range(0, len(rows), block):
+            idx = rows[start:start + block]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            yield idx, ds[lo:hi][idx - lo]
+
+
+class FeatureFileWriter:
+    """Write a complete feature file under a temporary name, then rename it into place.
+
+    Rows are written by position, so the caller can fill them from several sources (rows kept
+    from an older file, newly extracted parts) in any order while memory stays flat.
+    """
+
+    def __init__(self, path, *, n_rows, dim, class_names, attrs):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.n_rows = n_rows
+        self.file = h5py.File(self.tmp_path, "w")
+        f = self.file
+        chunk_rows = max(1, min(n_rows or 1, (1 << 20) // max(4 * dim, 1)))
+        f.create_dataset("features", shape=(n_rows, dim), maxshape=(None, dim), dtype="f4",
+                         chunks=(chunk_rows, dim) if n_rows else None)
+        f.create_dataset("labels", shape=(n_rows,), dtype="i4")
+        for name in ("paths", "split", "sha1"):
+            f.create_dataset(name, shape=(n_rows,), dtype=STR)
+        for name in ("file_size", "mtime_ns"):
+            f.create_dataset(name, shape=(n_rows,), dtype="i8")
+        f.create_dataset("class_names", data=np.array(class_names, dtype=object), dtype=STR)
+        for key, value in attrs.items():
+            f.attrs[key] = value if value is not None else ""
+
+    def write_rows(self, positions, *, features, labels, paths, split, file_size, mtime_ns, sha1):
+        """Write rows at ``positions`` (sorted, increasing)."""
+        if len(positions) == 0:
+            return
+        positions = np.asarray(positions, dtype=np.int64)
+        f = self.file
+        contiguous = positions[-1] - positions[0] + 1 == len(positions)
+        where = slice(int(positions[0]), int(positions[-1]) + 1) if contiguous else positions
+        f["features"][where] = np.asarray(features, dtype=np.float32)
+        f["labels"][where] = np.asarray(labels, dtype=np.int32)
+        f["paths"][where] = np.asarray(paths, dtype=object)
+        f["split"][where] = np.asarray(split, dtype=object)
+        f["sha1"][where] = np.asarray(sha1, dtype=object)
+        f["file_size"][where] = np.asarray(file_size, dtype=np.int64)
+        f["mtime_ns"][where] = np.asarray(mtime_ns, dtype=np.int64)
+
+    def write_skipped(self, skipped):
+        """``skipped``: list of (path, reason, file_size, mtime_ns)."""
+        names = np.array([[p, r] for p, r, _, _ in skipped], dtype=object).reshape(-1, 2)
+        stats = np.array([[s, m] for _, _, s, m in skipped], dtype=np.int64).reshape(-1, 2)
+        self.file.create_dataset("skipped", data=names, dtype=STR)
+        self.file["skipped"].attrs["columns"] = ["path", "reason"]
+        self.file.create_dataset("skipped_stat", data=stats, dtype="i8")
+
+    def set_attrs(self, **attrs):
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
+
+    def commit(self):
+        """Close and atomically replace the destination."""
+        self.file.flush()
+        self.file.close()
+        fd = os.open(self.tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self):
+        try:
+            self.file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- parts (resume)
+
+
+def save_part(path, **arrays):
+    """Atomically write one finished chunk of work (an .npz) so a killed run can resume."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_part(path):
+    """Read a chunk written by ``save_part``; None when it is unreadable (then it is redone)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception:
+        return None
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
