@@ -87,3 +87,33 @@ class FeatureModel:
         if self.spec.augment == "flip":
             features = (features + self.engine.run(np.ascontiguousarray(x[:, :, ::-1]))) / 2.0
         return features.astype(np.float32, copy=False)
+
+
+def feature_model_from_attrs(attrs, *, engine="tf", weights=None):
+    """Rebuild the FeatureModel a feature file (or a saved model) was made with.
+
+    Parameters
+    ----------
+    attrs : dict
+        The feature file's attributes (backbone, layer, pooling, image_size, resize, preprocess,
+        augment, weights_sha256).
+    weights : str, optional
+        An explicit weights file; otherwise found as for extraction.
+
+    Raises UsageError when the weights found are not the ones the features were made with.
+    """
+    from .backbones import get_backbone, make_spec
+
+    backbone = get_backbone(str(attrs["backbone"]), preprocess_mode=str(attrs["preprocess"]))
+    want = str(attrs.get("weights_sha256", ""))
+    spec, resolved = make_spec(backbone, layer=str(attrs.get("layer") or "") or None,
+                               pooling=str(attrs.get("pooling", "avg")),
+                               image_size=int(attrs["image_size"]),
+                               resize=str(attrs.get("resize", "stretch")),
+                               augment=str(attrs.get("augment", "none")),
+                               weights=weights if weights is not None else ("none" if not want else None))
+    if spec.weights_sha256 != want:
+        raise UsageError(f"the weights found for '{backbone.name}' ({spec.weights_source}, sha256 "
+                         f"{spec.weights_sha256[:12]}...) are not the ones the features were made with "
+                         f"(sha256 {want[:12]}...); pass --weights with that file")
+    return FeatureModel(backbone, spec, resolved, engine=engine)
