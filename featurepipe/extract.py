@@ -8,6 +8,7 @@ or edited images.
 """
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -93,6 +94,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = None
     chunk_size: int = None
+    dask: str = None              # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
 
 
 def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
@@ -109,7 +111,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     **options
         See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
         augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
-        chunk_size.
+        chunk_size, dask (see ``featurepipe.distributed``).
 
     Returns
     -------
@@ -121,7 +123,8 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     index = list_images(data)
     out_dir = Path(out) if out is not None else default_out_dir(data)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
+    with _dask_session(opts.dask):
+        results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
     pointer = latest_pointer()
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pointer, {"data": str(index.root), "files": [str(r.path.resolve()) for r in results]})
@@ -346,6 +349,8 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
             todo.append((name, members))
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
     bar.update(sum(len(m) for n, m in chunks if n in done))
+    if opts.dask is not None:
+        return _run_chunks_on_dask(index, todo, done, model, parts_dir, opts, bar)
     work = [p for _, members in todo for p in members]
     stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
                             spec.resize, workers=opts.workers, max_pixels=opts.max_pixels)
@@ -355,6 +360,27 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
             save_part(parts_dir / name, **done[name])
     finally:
         stream.close()
+        bar.close()
+    return _collect(done)
+
+
+def _dask_session(address):
+    if address is None:
+        return contextlib.nullcontext()
+    from .distributed import session
+
+    return session(address)
+
+
+def _run_chunks_on_dask(index, todo, done, model, parts_dir, opts, bar):
+    """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
+    from .distributed import chunk_jobs, run_chunks
+
+    jobs = chunk_jobs(todo, index=index, model=model, parts_dir=parts_dir, opts=opts)
+    try:
+        done.update(run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
+                               decoded_stream=decoded_stream, quiet=opts.quiet))
+    finally:
         bar.close()
     return _collect(done)
 
@@ -551,6 +577,9 @@ def build_parser():
     p.add_argument("--engine", default="auto", help="forward-pass engine: auto, tf")
     p.add_argument("--workers", type=int, help="image decoding threads")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
+                        "on a filesystem all workers share), local (a worker per core) or local:N")
     p.add_argument("--overwrite", action="store_true", help="replace a file made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
@@ -582,7 +611,7 @@ def main(argv=None):
                    resize=args.resize, augment=args.augment, test_size=args.test_size,
                    val_size=args.val_size, seed=args.seed, overwrite=args.overwrite,
                    engine=args.engine, quiet=args.quiet, max_pixels=args.max_pixels,
-                   workers=args.workers)
+                   workers=args.workers, dask=args.dask)
     with warnings.catch_warnings():
         warnings.showwarning = _warn_line
         extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
