@@ -39,15 +39,15 @@ def _warm():
 
 @pytest.fixture(scope="module")
 def cluster():
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, fire_and_forget
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=50) as local:
         with Client(local, set_as_default=False) as client:
             # TF is imported on the workers while the client makes the reference file.
-            warming = [client.submit(_warm, workers=[w], pure=False) for w in local.scheduler_info["workers"]]
+            for worker in local.scheduler_info["workers"]:
+                fire_and_forget(client.submit(_warm, workers=[worker], pure=False))
             yield local.scheduler_address
-            del warming
 
 
 @pytest.fixture(scope="module")
