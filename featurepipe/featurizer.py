@@ -104,7 +104,9 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None):
         """``<backbone>_0`` ... ``<backbone>_{D-1}``."""
-        stem = self.backbone.split(":")[-1].replace("/", "_")
+        from .backbones import backbone_file_stem
+
+        stem = backbone_file_stem(self.backbone)
         return np.array([f"{stem}_{i}" for i in range(self.n_features_out_)], dtype=object)
 
     def _from_arrays(self, images):
