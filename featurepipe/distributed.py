@@ -175,15 +175,12 @@ def run_chunk_job(job, extract_chunk, decoded_stream):
 
 
 def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quiet=False):
-    """Run ``jobs`` (ChunkJob) on the cluster; return their parts read back from the shared folder.
+    """Run ``jobs`` (ChunkJob) on the cluster; each writes its part file into the shared folder.
 
-    The bar advances by a chunk's images as it finishes. Every job runs to its end even when one
-    fails (its part is kept for the re-run); then the first error is raised. The engine the
-    workers used is recorded on ``model`` (the client's model is never built).
-
-    Returns
-    -------
-    dict of part file name -> part (dict of arrays, as ``store.load_part``)
+    The bar advances by a chunk's images as it finishes, once this machine can read its part.
+    Every job runs to its end even when one fails (its part is kept for the re-run); then the
+    first error is raised. The engine the workers used is recorded on ``model`` (the client's
+    model is never built).
     """
     from .store import load_part
 
@@ -195,7 +192,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
         futures = {dask_client.submit(run_chunk_job, job, extract_chunk, decoded_stream,
                                       key=f"{run}-{Path(job.part_path).stem}", retries=1): job
                    for job in jobs}
-        parts, errors, engines = {}, [], set()
+        errors, engines = [], set()
         try:
             for future in distributed.as_completed(futures):
                 job = futures[future]
@@ -203,7 +200,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
                     errors.append(future.exception())
                     continue
                 engines.add(future.result())
-                parts[Path(job.part_path).name] = _read_part(load_part, job.part_path)
+                _check_part(load_part, job.part_path)
                 bar.update(len(job.positions))
         except BaseException:
             dask_client.cancel(list(futures))
@@ -212,15 +209,12 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
         raise errors[0]
     if engines:
         model.engine_name = sorted(engines)[0]
-    return parts
 
 
-def _read_part(load_part, part_path):
-    part = load_part(part_path) if Path(part_path).exists() else None
-    if part is None:
+def _check_part(load_part, part_path):
+    if load_part(part_path, keys=("positions",)) is None:
         raise UsageError(f"a Dask worker wrote '{part_path}' but this machine cannot read it: the "
                          "output folder (--out) must be on a filesystem shared by all workers")
-    return part
 
 
 def _announce(dask_client):

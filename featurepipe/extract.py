@@ -336,32 +336,29 @@ def _progress(total, desc, quiet):
 
 
 def _run_chunks(index, plan, model, spec, parts_dir, opts):
-    """Extract pending images chunk by chunk; return (per-position features dict, skipped)."""
+    """Extract pending images chunk by chunk into part files; return (part files, skipped).
+
+    Parts stay on disk: memory holds one chunk at a time however many images there are.
+    """
     chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
     chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
     _prepare_parts_dir(parts_dir, spec)
-    done, todo = {}, []
-    for name, members in chunks:
-        part = load_part(parts_dir / name) if (parts_dir / name).exists() else None
-        if part is not None:
-            done[name] = part
-        else:
-            todo.append((name, members))
+    todo = [(name, members) for name, members in chunks
+            if load_part(parts_dir / name, keys=("positions",)) is None]
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
-    bar.update(sum(len(m) for n, m in chunks if n in done))
+    bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
     if opts.dask is not None:
-        return _run_chunks_on_dask(index, todo, done, model, parts_dir, opts, bar)
+        return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
     work = [p for _, members in todo for p in members]
     stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
                             spec.resize, workers=opts.workers, max_pixels=opts.max_pixels)
     try:
         for name, members in todo:
-            done[name] = _extract_chunk(members, stream, model, opts.batch_size, bar)
-            save_part(parts_dir / name, **done[name])
+            save_part(parts_dir / name, **_extract_chunk(members, stream, model, opts.batch_size, bar))
     finally:
         stream.close()
         bar.close()
-    return _collect(done)
+    return _collect([parts_dir / name for name, _ in chunks])
 
 
 def _dask_session(address):
@@ -372,17 +369,17 @@ def _dask_session(address):
     return session(address)
 
 
-def _run_chunks_on_dask(index, todo, done, model, parts_dir, opts, bar):
+def _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar):
     """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
     from .distributed import chunk_jobs, run_chunks
 
     jobs = chunk_jobs(todo, index=index, model=model, parts_dir=parts_dir, opts=opts)
     try:
-        done.update(run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
-                               decoded_stream=decoded_stream, quiet=opts.quiet))
+        run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
+                   decoded_stream=decoded_stream, quiet=opts.quiet)
     finally:
         bar.close()
-    return _collect(done)
+    return _collect([parts_dir / name for name, _ in chunks])
 
 
 def _prepare_parts_dir(parts_dir, spec):
@@ -430,23 +427,28 @@ def _extract_chunk(members, stream, model, batch_size, bar):
     }
 
 
-def _collect(done):
-    parts = [done[name] for name in sorted(done)]
-    skipped = {}
-    for part in parts:
+def _collect(part_files):
+    """The part files that hold rows, and {index position: reason} of the unreadable images."""
+    with_rows, skipped = [], {}
+    for path in part_files:
+        part = load_part(path, keys=("positions", "bad_positions", "bad_reasons"))
+        if part is None:
+            raise DataError(f"part file '{path}' vanished or is damaged; run the same command again")
         skipped.update(zip(part["bad_positions"].tolist(), part["bad_reasons"].tolist()))
-    return parts, skipped
+        if len(part["positions"]):
+            with_rows.append(path)
+    return with_rows, skipped
 
 
 def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
-    parts = [p for p in parts if len(p["positions"])]
-    good_positions = sorted(set(plan.keep) | {int(p) for part in parts for p in part["positions"]})
+    part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
+    good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
     if not good_positions:
         reasons = sorted(set(new_skipped.values()))[:3]
         raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
                         f"{'; '.join(reasons)})")
-    dim = parts[0]["features"].shape[1] if parts else int(old.attrs["feature_dim"])
+    dim = load_part(parts[0])["features"].shape[1] if parts else int(old.attrs["feature_dim"])
     row_of = {pos: r for r, pos in enumerate(good_positions)}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
@@ -455,7 +457,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     try:
         _write_kept(writer, index, plan, old, row_of)
         for part in parts:
-            _write_part(writer, index, plan, part, row_of)
+            _write_part(writer, index, plan, load_part(part), row_of)
         skipped = _skipped_rows(index, plan, new_skipped)
         writer.write_skipped(skipped)
         dup_groups, dup_leaks = _duplicates(writer)
@@ -465,7 +467,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     except BaseException:
         writer.abort()
         raise
-    n_new = sum(len(p["positions"]) for p in parts)
+    n_new = sum(len(p) for p in part_positions)
     return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
