@@ -168,7 +168,7 @@ def test_killed_worker_redoes_only_its_chunk(cluster, tiny, tmp_path, monkeypatc
     assert len(done) == 7 and len(started) == 8          # the killed chunk was started twice
 
 
-def test_joblib_backend_grid_search_same_results():
+def test_joblib_backend_grid_search_same_results(cluster):
     from distributed import get_client, get_task_stream
     from sklearn.datasets import make_classification
     from sklearn.model_selection import GridSearchCV
@@ -181,7 +181,7 @@ def test_joblib_backend_grid_search_same_results():
         return grid.fit(X, y)
 
     local = search()
-    with joblib_backend("local:2") as client:
+    with joblib_backend(cluster) as client:
         assert get_client() is client
         with get_task_stream(client) as tasks:
             remote = search()
