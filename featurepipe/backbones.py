@@ -329,21 +329,18 @@ def backbone_file_stem(name):
 # --------------------------------------------------------------------------- weights
 
 
-def file_sha256(path, chunk=1 << 20):
+def file_digest(path, algorithm="sha256", chunk=1 << 20):
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
     """sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _file_md5(path, chunk=1 << 20):
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def weights_search_dirs():
@@ -374,7 +371,7 @@ def check_weights_file(path, known):
         if known.sha256 and sha != known.sha256:
             raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
                              f"(sha256 {sha[:12]}..., expected {known.sha256[:12]}...); replace it")
-        if not known.sha256 and known.md5 and _file_md5(path) != known.md5:
+        if not known.sha256 and known.md5 and file_digest(path, "md5") != known.md5:
             raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
                              f"(md5 mismatch); replace it")
     return sha
