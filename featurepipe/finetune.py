@@ -633,6 +633,10 @@ def _stage2(fmodel, head, feats, rows, images, settings, epochs, patience, work,
     model, state = _load_checkpoint(work)
     if model is None:
         model, state = _start_stage2(fmodel, head, y, rows, images, settings, work)
+        if not quiet:
+            start = state["history"][0]
+            print(f"stage 2 starts from the head on the live network: val loss "
+                  f"{start['val_loss']:.4f} val accuracy {start['val_accuracy']:.4f}", file=sys.stderr)
     else:
         state["resumed_from"] = state["epoch"]
         if not quiet and state["epoch"]:

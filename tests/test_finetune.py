@@ -79,6 +79,11 @@ def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tm
                        if layer.trainable_weights)
     assert trainable == ["conv_b"]  # default: from the topmost conv; bn_b stays frozen
     assert not _base_layer(model, "bn_b").trainable and not _base_layer(model, "bn_a").trainable
+    # Batch norm runs in inference mode even in a training call: same output as inference.
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    base = ft.base_of(model)
+    np.testing.assert_allclose(np.asarray(base(x, training=True)), np.asarray(base(x, training=False)),
+                               atol=1e-6)
     original = keras.models.load_model(bn_model_path)
     # Stage 2 changed the unfrozen conv and nothing below it; batch-norm statistics untouched.
     if meta["best_epoch"] > 0:
