@@ -12,7 +12,7 @@ from featurepipe.extract import extract
 from featurepipe.images import load_image
 from featurepipe.store import load
 
-FAST = dict(head_epochs=6, head_lr=0.05, lr=0.01, batch_size=8, quiet=True)
+FAST = dict(head_epochs=3, head_lr=0.05, lr=0.01, batch_size=8, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,15 @@ def _base_layer(model, name):
 def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tmp_path):
     import keras
 
+    class Snapshot(keras.callbacks.Callback):
+        weights = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights[epoch] = {l.name: [np.array(w) for w in l.get_weights()]
+                                   for l in ft._flat_layers(ft.base_of(self.model))}
+
     result = ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, epochs=2,
-                         patience=5, models_dir=tmp_path / "models", **FAST)
+                         patience=5, models_dir=tmp_path / "models", callbacks=[Snapshot()], **FAST)
     assert result.model_path == tmp_path / "models" / "colors" / "tiny_bn__finetune.keras"
     meta = json.loads(result.json_path.read_text())
     assert meta["clf"] == "finetune" and meta["features"] == "tiny_bn"
@@ -86,33 +93,22 @@ def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tm
                                atol=1e-6)
     original = keras.models.load_model(bn_model_path)
     # Stage 2 changed the unfrozen conv and nothing below it; batch-norm statistics untouched.
-    if meta["best_epoch"] > 0:
-        assert not np.allclose(_weights(original, "conv_b")[0], _base_layer(model, "conv_b").get_weights()[0])
+    trained = Snapshot.weights[1]
+    assert not np.allclose(_weights(original, "conv_b")[0], trained["conv_b"][0])
     for name in ("conv_a", "bn_a", "bn_b"):
-        for a, b in zip(_weights(original, name), _base_layer(model, name).get_weights()):
+        for a, b, c in zip(_weights(original, name), trained[name], _base_layer(model, name).get_weights()):
             np.testing.assert_array_equal(a, b)
-
-
-def test_unfreeze_count_and_name(bn_model_path, bn_features, tmp_path):
-    import keras
-
-    model_path = ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, epochs=1,
-                             unfreeze="conv_a", models_dir=tmp_path, **FAST).model_path
-    model = keras.models.load_model(model_path)
-    trainable = sorted(l.name for l in ft._flat_layers(ft.base_of(model)) if l.trainable_weights)
-    assert trainable == ["conv_a", "conv_b"]
-    assert ft._resolve_unfreeze(2, ft._feature_model(load(bn_features).attrs, None)) == (2, "top 2 layers")
-    with pytest.raises(ft.UsageError, match="no layer named 'nope'"):
-        ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, unfreeze="nope",
-                    models_dir=tmp_path, **FAST)
+            np.testing.assert_array_equal(a, c)
 
 
 def test_cached_head_equals_head_on_live_base(bn_model_path, bn_features, tmp_path):
     import keras
 
     result = ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, epochs=0,
-                         models_dir=tmp_path, **FAST)
+                         unfreeze="conv_a", models_dir=tmp_path, **FAST)
     model = keras.models.load_model(result.model_path)
+    trainable = sorted(l.name for l in ft._flat_layers(ft.base_of(model)) if l.trainable_weights)
+    assert trainable == ["conv_a", "conv_b"]  # a named layer and everything above it
     feats = load(bn_features).subset("test")
     root = feats.attrs["data_root"]
     cached = np.asarray(model.get_layer("head")(feats.X, training=False))
@@ -121,6 +117,12 @@ def test_cached_head_equals_head_on_live_base(bn_model_path, bn_features, tmp_pa
     assert cached.max() > 0.5  # the head learned something
     np.testing.assert_allclose(live, cached, atol=1e-5)
     assert result.test_accuracy == pytest.approx(np.mean(cached.argmax(1) == feats.y))
+
+    fmodel = ft._feature_model(load(bn_features).attrs, None)
+    assert ft._resolve_unfreeze(2, fmodel) == (2, "top 2 layers")
+    with pytest.raises(ft.UsageError, match="no layer named 'nope'"):
+        ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, unfreeze="nope",
+                    models_dir=tmp_path, **FAST)
 
     bad = make_image(tmp_path / "bad.jpg", (0, 0, 0))
     bad.write_bytes(b"not an image")
@@ -140,7 +142,7 @@ def test_killed_run_resumes_from_last_epoch(bn_model_path, bn_features, tmp_path
 
     class KillAfter(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
+            if epoch == 0:
                 raise Killed
 
     class Record(keras.callbacks.Callback):
@@ -150,18 +152,18 @@ def test_killed_run_resumes_from_last_epoch(bn_model_path, bn_features, tmp_path
             self.epochs.append(epoch)
             self.iterations.append(int(self.model.optimizer.iterations.numpy()))
 
-    args = dict(backbone=f"file:{bn_model_path}", features=bn_features, epochs=4, patience=9,
+    args = dict(backbone=f"file:{bn_model_path}", features=bn_features, epochs=3, patience=9,
                 models_dir=tmp_path, **FAST)
     with pytest.raises(Killed):
         ft.finetune(**args, callbacks=[KillAfter()])
     work = tmp_path / "colors" / ".tiny_bn__finetune.work"
-    assert json.loads((work / "state.json").read_text())["epoch"] == 2
+    assert json.loads((work / "state.json").read_text())["epoch"] == 1  # epoch 1 checkpointed
     result = ft.finetune(**args, callbacks=[Record()])
-    assert Record.epochs == [2, 3] and result.resumed_from == 2 and result.epochs_run == 4
-    n_train = 2 * (-(-json.loads(result.json_path.read_text())["n_train"] // 8))
-    assert Record.iterations[0] == n_train  # the optimizer state came back too
+    assert Record.epochs == [1, 2] and result.resumed_from == 1 and result.epochs_run == 3
+    n_batches = -(-json.loads(result.json_path.read_text())["n_train"] // 8)
+    assert Record.iterations[0] == n_batches  # the optimizer state came back too
     history = json.loads(result.json_path.read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
 
 
 def test_preprocess_layer_matches_numpy():
