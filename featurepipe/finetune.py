@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backbones import PREPROCESS, backbone_file_stem
+from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
 from .images import assign_split, is_image_file
 
@@ -519,7 +519,7 @@ def set_trainable(model, n_top):
     base = base_of(model)
     base.trainable = True
     layers = _base_layers(base)
-    for i, layer in enumerate(_flat_layers(base)):
+    for layer in _flat_layers(base):
         layer.trainable = False
     for layer in layers[len(layers) - n_top:] if n_top else []:
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
@@ -593,10 +593,14 @@ def _load_checkpoint(work):
     """(model, state) of the last finished epoch in ``work``, or (None, None)."""
     import keras
 
+    if not _state_path(work).is_file():
+        return None, None
     try:
         state = json.loads(_state_path(work).read_text())
         model = keras.models.load_model(work / state["last"])
-    except (OSError, ValueError, KeyError):
+    except Exception as err:  # a damaged checkpoint: start stage 2 again rather than fail
+        warnings.warn(f"cannot resume from {work} ({type(err).__name__}: {err}); starting stage 2 "
+                      "again", stacklevel=3)
         return None, None
     return model, state
 
@@ -627,8 +631,6 @@ def _save_atomic(model, path):
 
 def _stage2(fmodel, head, feats, rows, images, settings, epochs, patience, work, quiet, callbacks):
     """Fine-tune the top layers; returns (model with the best epoch's weights, state)."""
-    import keras
-
     y = feats.y
     model, state = _load_checkpoint(work)
     if model is None:
