@@ -18,6 +18,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,13 +27,14 @@ import numpy as np
 
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
-                        list_layers, make_spec)
+                        import_tensorflow, list_layers, make_spec)
 from .engines import FeatureModel
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
+DECODE_TIMEOUT = 120.0
 
 
 def data_home():
@@ -307,25 +309,35 @@ def _safe_load(abs_path, size, resize, max_pixels):
         return ImageError(f"cannot decode: {type(err).__name__}: {err}")
 
 
-def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS):
+def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
+                   timeout=DECODE_TIMEOUT):
     """Yield ``(rgb, sha1)`` or an ImageError per path, in order, decoding ahead in threads.
 
     Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
+    An image that takes longer than ``timeout`` seconds is reported as unreadable, so no single
+    file can hang the run.
     """
     workers = workers or max(2, min(8, os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode") as pool:
-        futures = deque()
-        paths = iter(abs_paths)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode")
+    futures = deque()
+    paths = iter(abs_paths)
+    try:
         for p in paths:
             futures.append(pool.submit(_safe_load, p, size, resize, max_pixels))
             if len(futures) >= prefetch:
                 break
         while futures:
-            result = futures.popleft().result()
+            try:
+                result = futures.popleft().result(timeout=timeout)
+            except FuturesTimeout:
+                result = ImageError(f"decoding took longer than {timeout:.0f} s")
             nxt = next(paths, None)
             if nxt is not None:
                 futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels))
             yield result
+    finally:
+        # Do not wait for a decoder stuck on a pathological file.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _progress(total, desc, quiet):
@@ -525,6 +537,7 @@ def _duplicates(writer):
 
 
 def _versions():
+    import_tensorflow()
     import tensorflow as tf
     import keras
 

@@ -233,10 +233,14 @@ def test_bad_files_are_skipped_recorded_and_odd_ones_used(tiny_data, tiny_model_
 
 
 def test_duplicates_are_reported(tiny_data, tiny_model_path, tmp_path):
+    import warnings
+
     shutil.copy(tiny_data / "red" / "img_000.png", tiny_data / "red" / "copy.png")
-    with pytest.warns(UserWarning, match="byte-identical"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = _run(tiny_data, tiny_model_path, tmp_path / "out")
-    assert result.duplicate_groups == 1
+    assert result.duplicate_groups == 1, load(result.path).sha1
+    assert any("byte-identical" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert load(result.path).attrs["duplicate_groups"] == 1
 
 
@@ -278,3 +282,31 @@ def test_list_layers(tiny_model_path, capsys):
     assert main(["--list-layers", f"file:{tiny_model_path}"]) == 0
     out = capsys.readouterr().out
     assert "conv_a" in out and "(None, 30, 30, 8)" in out
+
+
+def test_a_hanging_decode_is_skipped_not_waited_for(tmp_path, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real = extract_module.load_image
+
+    def maybe_hang(path, *a, **k):
+        if str(path).endswith("hang.png"):
+            release.wait(10)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(extract_module, "load_image", maybe_hang)
+    paths = [make_image(tmp_path / n, (1, 2, 3)) for n in ("a.png", "hang.png", "b.png")]
+    start = time.time()
+    results = list(extract_module.decoded_stream(paths, 8, "stretch", timeout=0.5))
+    release.set()
+    assert time.time() - start < 5
+    assert isinstance(results[1], extract_module.ImageError) and "longer than" in str(results[1])
+    assert results[0][0].shape == (8, 8, 3) and results[2][0].shape == (8, 8, 3)
+
+
+def test_fifo_named_like_an_image_is_ignored(tiny_data):
+    from featurepipe.images import list_images
+
+    os.mkfifo(tiny_data / "red" / "pipe.jpg")
+    assert "red/pipe.jpg" not in list_images(tiny_data).paths
