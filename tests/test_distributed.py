@@ -189,3 +189,13 @@ def test_joblib_backend_grid_search_same_results(cluster):
     assert remote.best_params_ == local.best_params_
     np.testing.assert_array_equal(remote.cv_results_["mean_test_score"],
                                   local.cv_results_["mean_test_score"])
+
+
+def test_local_session_starts_and_closes_a_cluster():
+    from featurepipe.distributed import session
+
+    with session("local:1") as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert [w["nthreads"] for w in workers] == [1]
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert client.status == "closed"
