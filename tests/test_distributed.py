@@ -199,3 +199,23 @@ def test_local_session_starts_and_closes_a_cluster():
         assert [w["nthreads"] for w in workers] == [1]
         assert client.submit(sum, [1, 2]).result() == 3
     assert client.status == "closed"
+
+
+def test_compare_on_dask_gives_the_same_table(cluster, tmp_path):
+    compare = pytest.importorskip("featurepipe.compare", reason="featurepipe.compare not merged yet").compare
+    from featurefiles import two_files
+
+    a, b = two_files(tmp_path / "feats")
+    timing = {"fit_seconds", "predict_ms_per_image"}
+
+    def table(**kwargs):
+        rows = compare([a, b], ["logreg", "knn"], cv=3, n_jobs=2, force=True, plots=False, **kwargs)
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    from distributed import Client, get_task_stream
+
+    local = table()
+    assert len(local) == 6
+    with Client(cluster, set_as_default=False) as watcher, get_task_stream(client=watcher) as tasks:
+        assert table(dask=cluster) == local
+    assert len(tasks.data) >= 6 * 3                      # every search's folds ran on the workers
