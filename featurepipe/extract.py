@@ -67,12 +67,21 @@ class ExtractResult:
     seconds: float
     duplicate_groups: int
     duplicate_leaks: int
+    newly_skipped: tuple = ()
 
-    def summary(self):
+    def summary(self, max_listed=10):
         rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.path.name}: {self.n_rows} images ({self.n_extracted} extracted, "
+        line = (f"{self.path.name}: {self.n_rows} images ({self.n_extracted} extracted, "
                 f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
                 f"{rate:.1f} img/s -> {self.path}")
+        for rel, reason in self.newly_skipped[:max_listed]:
+            line += f"\n  skipped {rel}: {reason}"
+        if len(self.newly_skipped) > max_listed:
+            line += f"\n  ... and {len(self.newly_skipped) - max_listed} more (the file's 'skipped' dataset lists all)"
+        if self.duplicate_groups:
+            line += (f"\n  {self.duplicate_groups} groups of byte-identical images, "
+                     f"{self.duplicate_leaks} across splits (see the file's sha1 dataset)")
+        return line
 
 
 @dataclass(frozen=True)
@@ -474,7 +483,8 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
         writer.write_skipped(skipped)
         dup_groups, dup_leaks = _duplicates(writer)
         writer.set_attrs(n_rows=len(good_positions), n_skipped=len(skipped),
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks,
+                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
         writer.commit()
     except BaseException:
         writer.abort()
@@ -483,7 +493,8 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks,
+                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
 
 
 def _row_fields(index, plan, positions):

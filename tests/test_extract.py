@@ -226,7 +226,8 @@ def test_bad_files_are_skipped_recorded_and_odd_ones_used(tiny_data, tiny_model_
     for name in ("gray.png", "cmyk.jpg", "deep16.png", "alpha.png", "palette.gif", "LOUD.JPG", "rotated.jpg"):
         assert f"red/{name}" in set(f.paths), name
     assert result.n_rows == 25 and result.n_skipped == 5
-    assert "5 skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "5 skipped" in err and "skipped red/zero.jpg: empty file" in err
     [again] = extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "out", preprocess="scale",
                       max_pixels=4_000_000, quiet=True)
     assert again.n_extracted == 0 and again.n_skipped == 5  # unchanged bad files are not retried
