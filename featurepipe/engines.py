@@ -1,7 +1,10 @@
 """Forward-pass engines and the FeatureModel that ties a backbone, its settings and an engine.
 
-An engine maps a preprocessed float32 batch (n, S, S, 3) to features (n, D) and has a ``name``.
-``ENGINES`` maps an engine name to its entry; ``make_engine(name, model, spec)`` builds one:
+An engine runs a Keras model on a batch and has a ``name``. ``FeatureModel`` gives its engine
+``pixel_model``: RGB pixels (n, S, S, 3) uint8 -> preprocessing -> network -> pooling -> features
+(n, D) float32, all in one graph (numpy preprocessing in the main thread cost as much CPU as JPEG
+decoding). ``ENGINES`` maps an engine name to its entry; ``make_engine(name, model, spec)`` builds
+one:
 
 * ``tf``: the Keras feature model's call compiled with ``tf.function``;
 * ``litert``: the whole feature model (pooling included) converted once to a ``.tflite`` file,
@@ -26,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import build_feature_model, preprocess
+from .backbones import PREPROCESS, build_feature_model
 from .errors import FeaturepipeError, UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-CACHE_FORMAT = 1           # bump when the conversion changes, so old .tflite files are not reused
+CACHE_FORMAT = 2           # bump when the conversion changes, so old .tflite files are not reused
 TRIAL_BATCH = 16           # images per timed batch in the auto trial
 TRIAL_ROUNDS = 3           # timed batches per engine (after one warm-up batch each)
 
@@ -39,6 +42,22 @@ TRIAL_ROUNDS = 3           # timed batches per engine (after one warm-up batch e
 def cache_dir():
     """The folder for converted models and engine choices (``$FEATUREPIPE_CACHE`` or ~/.cache/featurepipe)."""
     return Path(os.environ.get("FEATUREPIPE_CACHE") or Path.home() / ".cache" / "featurepipe")
+
+
+def pixel_model(backbone, spec, resolved):
+    """A Keras model from RGB pixels to features, preprocessing included.
+
+    Returns
+    -------
+    keras.Model mapping (n, S, S, 3) uint8 to (n, D) float32 (S = ``spec.image_size``)
+    """
+    import keras
+
+    network = build_feature_model(backbone, spec, resolved)
+    mode = PREPROCESS[spec.preprocess]
+    pixels = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="pixels")
+    x = keras.layers.Lambda(lambda t: mode(keras.ops.cast(t, "float32")), name="preprocess")(pixels)
+    return keras.Model(pixels, network(x), name=f"{network.name}_from_pixels")
 
 
 class ModelSource:
@@ -86,16 +105,16 @@ class TFEngine:
 
         model = ModelSource.wrap(model).get()
         self.model = model
-        size = model.inputs[0].shape[1:]
+        shape, self.dtype = model.inputs[0].shape[1:], np.dtype(model.inputs[0].dtype)
         self._forward = tf.function(
             lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, *size), tf.float32)],
+            input_signature=[tf.TensorSpec((None, *shape), tf.as_dtype(self.dtype))],
             reduce_retracing=True,
         )
 
     def run(self, batch):
-        """batch : ndarray (n, S, S, 3) float32, preprocessed -> ndarray (n, D) float32."""
-        return np.asarray(self._forward(batch), dtype=np.float32)
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
+        return np.asarray(self._forward(np.asarray(batch, dtype=self.dtype)), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- litert
@@ -134,14 +153,15 @@ def _tensorflow_version():
 
 
 def model_key(spec):
-    """What a converted model depends on, as a dict; None when it cannot be cached.
+    """What a converted pixel model depends on, as a dict; None when it cannot be cached.
 
     Random weights (no ``weights_sha256``) differ at every build, so they are never cached.
     """
     if spec is None or not spec.weights_sha256:
         return None
     return {"backbone": spec.backbone, "layer": spec.layer, "pooling": spec.pooling,
-            "image_size": int(spec.image_size), "weights_sha256": spec.weights_sha256,
+            "image_size": int(spec.image_size), "preprocess": spec.preprocess,
+            "weights_sha256": spec.weights_sha256,
             "tensorflow": _tensorflow_version(), "format": CACHE_FORMAT}
 
 
@@ -243,15 +263,15 @@ class LiteRTEngine:
         it.resize_tensor_input(inp["index"], [n, *inp["shape"][1:]], strict=True)
         with _drop_native_info():
             it.allocate_tensors()
-        self._by_size[n] = (it, inp["index"], out["index"])
+        self._by_size[n] = (it, inp["index"], out["index"], inp["dtype"])
         while len(self._by_size) > self.keep_sizes:
             self._by_size.popitem(last=False)
         return self._by_size[n]
 
     def run(self, batch):
-        """batch : ndarray (n, S, S, 3) float32, preprocessed -> ndarray (n, D) float32."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        it, inp, out = self._interpreter(len(batch))
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
+        it, inp, out, dtype = self._interpreter(len(batch))
+        batch = np.ascontiguousarray(batch, dtype=dtype)
         it.set_tensor(inp, batch)
         it.invoke()
         return np.array(it.get_tensor(out), dtype=np.float32)
@@ -342,9 +362,9 @@ def _trial_batch(model, spec):
     rng = np.random.default_rng(0)
     if spec is not None:
         s = spec.image_size
-        return preprocess(rng.integers(0, 256, (TRIAL_BATCH, s, s, 3), dtype=np.uint8), spec.preprocess)
+        return rng.integers(0, 256, (TRIAL_BATCH, s, s, 3), dtype=np.uint8)
     shape = ModelSource.wrap(model).get().inputs[0].shape[1:]
-    return rng.uniform(-1, 1, (TRIAL_BATCH, *shape)).astype(np.float32)
+    return rng.uniform(0, 255, (TRIAL_BATCH, *shape)).astype(np.float32)
 
 
 def time_engines(engines, batch, rounds=TRIAL_ROUNDS):
@@ -417,21 +437,26 @@ class FeatureModel:
     @property
     def engine(self):
         if self._engine is None:
-            source = ModelSource(lambda: build_feature_model(self.backbone, self.spec, self.resolved))
+            source = ModelSource(lambda: pixel_model(self.backbone, self.spec, self.resolved))
             self._engine = make_engine(self.engine_name, source, self.spec)
         return self._engine
 
     @property
     def dim(self):
         return self.engine.run(np.zeros((1, self.spec.image_size, self.spec.image_size, 3),
-                                        np.float32)).shape[1]
+                                        np.uint8)).shape[1]
 
     def __call__(self, images):
-        """images : ndarray (n, S, S, 3) uint8 RGB -> features ndarray (n, D) float32."""
-        x = preprocess(images, self.spec.preprocess)
-        features = self.engine.run(x)
+        """images : ndarray (n, S, S, 3) uint8 RGB -> features ndarray (n, D) float32.
+
+        Other dtypes are rounded and clipped to 0..255.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        features = self.engine.run(images)
         if self.spec.augment == "flip":
-            features = (features + self.engine.run(np.ascontiguousarray(x[:, :, ::-1]))) / 2.0
+            features = (features + self.engine.run(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
         return features.astype(np.float32, copy=False)
 
 
