@@ -59,20 +59,22 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
     batches = {size: [x[i:i + size] for i in range(0, n, size)] for size in sizes}
     for (name, size), engine in runs.items():
         engine.run(batches[size][0])  # warm-up
-    spent = dict.fromkeys(runs, 0.0)
+    spent, cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
     rounds = 0
     start = time.perf_counter()
     while rounds < 2 or time.perf_counter() - start < seconds * len(runs):
         for key, engine in runs.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for batch in batches[key[1]]:
                 engine.run(batch)
             spent[key] += time.perf_counter() - t
+            cpu[key] += time.process_time() - c
         rounds += 1
-    rates = {}
+    rates, cpu_ms = {}, {}
     for (name, size), t in spent.items():
         rates.setdefault(size, {})[name] = rounds * n / t
-    return {"rates": rates}
+        cpu_ms.setdefault(size, {})[name] = 1000 * cpu[name, size] / (rounds * n)
+    return {"rates": rates, "cpu_ms": cpu_ms}
 
 
 def child_first_use(backbone, data):
@@ -140,13 +142,13 @@ def child_extract(backbone, data, out, batch_size):
 
     fx.decoded_stream = timed_stream
     engines.FeatureModel.__call__ = timed_call
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     [result] = fx.extract(data, [backbone], out=out, quiet=True, engine="auto", batch_size=batch_size,
                           overwrite=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     from featurepipe.store import read_attrs
 
-    return {"seconds": seconds, "rows": result.n_rows, "decode_wait": waited[0], "forward": forward[0],
+    return {"seconds": seconds, "cpu": cpu, "rows": result.n_rows, "decode_wait": waited[0], "forward": forward[0],
             "engine": read_attrs(result.path)["engine"], "path": str(result.path)}
 
 
@@ -160,12 +162,13 @@ def child_classic(backbone, data, batch_size):
     spec, resolved = make_spec(b)
     model = build_feature_model(b, spec, resolved)
     mode = PREPROCESS[spec.preprocess]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ds = keras.utils.image_dataset_from_directory(data, labels="inferred", batch_size=batch_size,
                                                   image_size=(spec.image_size, spec.image_size),
                                                   shuffle=False, verbose=False)
     features = model.predict(ds.map(lambda x, y: mode(x)), verbose=0)
-    return {"seconds": time.perf_counter() - start, "rows": int(features.shape[0])}
+    return {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+            "rows": int(features.shape[0])}
 
 
 def child_compare(files):
@@ -260,8 +263,9 @@ def measure_backbone(name, folders, env, args, log):
     log(f"{name}: first use (conversion + auto trial)")
     row["first_use"] = run_child("first_use", env, backbone=name, data=small_dir)
     log(f"{name}: forward pass on in-memory batches")
-    row["forward"] = run_child("forward", env, backbone=name, data=large_dir,
-                               batch_size=args.batch_size, seconds=args.forward_seconds)["rates"]
+    forward = run_child("forward", env, backbone=name, data=large_dir,
+                        batch_size=args.batch_size, seconds=args.forward_seconds)
+    row["forward"], row["forward_cpu_ms"] = forward["rates"], forward["cpu_ms"]
     log(f"{name}: start-up")
     row["startup"] = run_child("startup", env, backbone=name, data=small_dir)
     for size, folder in (("small", small_dir), ("large", large_dir)):
@@ -275,43 +279,55 @@ def measure_backbone(name, folders, env, args, log):
     return row
 
 
-def marginal(small, large, n_small, n_large):
-    return (n_large - n_small) / max(large["seconds"] - small["seconds"], 1e-9)
+def marginal(small, large, n_small, n_large, key="seconds"):
+    """Images per second of the extra images of the large run (start-up cancels out)."""
+    return (n_large - n_small) / max(large[key] - small[key], 1e-9)
 
 
 def table(rows, compare_row, header):
     lines = [header, "",
-             "| network | engine (auto) | TF forward img/s | LiteRT forward img/s | featurepipe end-to-end img/s "
-             "| classic script img/s | end-to-end / best forward | end-to-end / classic | decode wait "
-             "| peak RSS small → large (MB) | start-up s | first use s |",
+             "| network | engine (auto) | forward img/s TF / LiteRT | featurepipe end-to-end img/s "
+             "| classic script img/s | end-to-end / best forward | end-to-end / classic "
+             "| CPU ms/img forward / end-to-end / classic | decode wait | peak RSS MB small → large "
+             "| start-up s | first use s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         n_small, n_large = r["n"]
         fwd = next(iter(r["forward"].values()))
-        best = max(fwd.values())
+        fwd_cpu = min(next(iter(r["forward_cpu_ms"].values())).values())
         e2e = marginal(r["fp_small"], r["fp_large"], n_small, n_large)
         classic = marginal(r["classic_small"], r["classic_large"], n_small, n_large)
-        big = r["fp_large"]
-        wait = big["decode_wait"] / big["seconds"]
+        e2e_cpu = 1000 / marginal(r["fp_small"], r["fp_large"], n_small, n_large, key="cpu")
+        classic_cpu = 1000 / marginal(r["classic_small"], r["classic_large"], n_small, n_large, key="cpu")
+        big, small = r["fp_large"], r["fp_small"]
         lite = f"{fwd['litert']:.0f}" if "litert" in fwd else "n/a"
         lines.append(
-            f"| {r['backbone']} | {big['engine']} | {fwd['tf']:.0f} | {lite} | {e2e:.0f} | {classic:.0f} "
-            f"| {e2e / best:.2f} | {e2e / classic:.2f} | {100 * wait:.1f} % "
-            f"| {r['fp_small']['peak_rss_mb']:.0f} → {big['peak_rss_mb']:.0f} (+{big['peak_rss_mb'] - r['fp_small']['peak_rss_mb']:.0f}) "
+            f"| {r['backbone']} | {big['engine']} | {fwd['tf']:.0f} / {lite} | {e2e:.0f} | {classic:.0f} "
+            f"| {e2e / max(fwd.values()):.2f} | {e2e / classic:.2f} "
+            f"| {fwd_cpu:.1f} / {e2e_cpu:.1f} / {classic_cpu:.1f} "
+            f"| {100 * big['decode_wait'] / big['seconds']:.1f} % "
+            f"| {small['peak_rss_mb']:.0f} → {big['peak_rss_mb']:.0f} (+{big['peak_rss_mb'] - small['peak_rss_mb']:.0f}) "
             f"| {r['startup']['wall']:.1f} | {r['first_use']['seconds']:.1f} |")
     per_row = compare_row.get("seconds_per_row") if compare_row else None
     lines += ["", f"Fit side: {per_row:.1f} s per `compare` row ({compare_row['rows']} rows on the large "
                   "feature files)." if per_row else "Fit side: `featurepipe.compare` not available in this checkout."]
+    lines += ["", "End-to-end and classic rates are marginal (extra images / extra seconds between the small "
+                  "and the large run: start-up excluded); forward = the engine alone on decoded in-memory "
+                  "batches (preprocessing is in the graph); decode wait = time the forward pass waited for "
+                  "decoded images / run time; start-up = a fresh process importing featurepipe, loading the "
+                  "model from the cache and extracting one image; first use = the same with an empty cache "
+                  "(LiteRT conversion + auto trial)."]
     return "\n".join(lines)
 
 
 def forward_sweep_table(rows):
-    lines = ["| network | batch | TF img/s | LiteRT img/s |", "|---|---:|---:|---:|"]
+    lines = ["| network | batch | TF img/s | LiteRT img/s | TF CPU ms/img | LiteRT CPU ms/img |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for size, rates in r.items():
-            if size == "backbone":
-                continue
-            lines.append(f"| {r['backbone']} | {size} | {rates['tf']:.0f} | {rates.get('litert', float('nan')):.0f} |")
+        for size, rates in r["rates"].items():
+            cpu = r["cpu_ms"][size]
+            lines.append(f"| {r['backbone']} | {size} | {rates['tf']:.0f} | {rates.get('litert', float('nan')):.0f} "
+                         f"| {cpu['tf']:.1f} | {cpu.get('litert', float('nan')):.1f} |")
     return "\n".join(lines)
 
 
@@ -349,7 +365,7 @@ def main(argv=None):
         if args.sweep:
             rows = [{"backbone": b, **run_child("forward", env, backbone=b, data=folders["large"][0],
                                                 batch_size=args.batch_size, seconds=args.forward_seconds,
-                                                batch_sizes=args.sweep)["rates"]} for b in backbones]
+                                                batch_sizes=args.sweep)} for b in backbones]
             print(forward_sweep_table(rows))
             return 0
         rows = [measure_backbone(b, folders, env, args, log) for b in backbones]

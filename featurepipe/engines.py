@@ -35,6 +35,9 @@ from .errors import FeaturepipeError, UsageError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 CACHE_FORMAT = 2           # bump when the conversion changes, so old .tflite files are not reused
+# Images per forward pass: the fastest of 8/16/32/64 for both engines and networks measured with
+# ``python benchmarks/bench.py --sweep 8 16 32 64`` on 2 cores (see the README's Performance).
+DEFAULT_BATCH_SIZE = 8
 TRIAL_BATCH = 16           # images per timed batch in the auto trial
 TRIAL_ROUNDS = 3           # timed batches per engine (after one warm-up batch each)
 
