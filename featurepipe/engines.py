@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -244,7 +245,8 @@ class LiteRTEngine:
     """LiteRT (TensorFlow Lite) with its XNNPACK CPU kernels, on the cached converted model.
 
     One interpreter is kept per batch size (the two most recent), so a short last batch does not
-    force the usual batch to be re-planned.
+    force the usual batch to be re-planned. Calls from several threads take turns (an interpreter
+    is not thread-safe; each call already uses every core).
     """
 
     name = "litert"
@@ -255,6 +257,7 @@ class LiteRTEngine:
         self.path, self._content = cached_tflite(model, spec)
         self.num_threads = num_threads or os.cpu_count() or 1
         self._by_size = OrderedDict()
+        self._lock = threading.Lock()
 
     def _interpreter(self, n):
         if n in self._by_size:
@@ -273,11 +276,11 @@ class LiteRTEngine:
 
     def run(self, batch):
         """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
-        it, inp, out, dtype = self._interpreter(len(batch))
-        batch = np.ascontiguousarray(batch, dtype=dtype)
-        it.set_tensor(inp, batch)
-        it.invoke()
-        return np.array(it.get_tensor(out), dtype=np.float32)
+        with self._lock:
+            it, inp, out, dtype = self._interpreter(len(batch))
+            it.set_tensor(inp, np.ascontiguousarray(batch, dtype=dtype))
+            it.invoke()
+            return np.array(it.get_tensor(out), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- registry and auto
