@@ -284,14 +284,16 @@ def measure_backbone(name, folders, env, args, log):
 
 
 def marginal(small, large, n_small, n_large, key="seconds"):
-    """Images per second of the extra images of the large run (start-up cancels out)."""
-    return (n_large - n_small) / max(large[key] - small[key], 1e-9)
+    """Images per second of the extra images of the large run (start-up cancels out); nan when the
+    large run was not slower (noise larger than the difference)."""
+    extra = large[key] - small[key]
+    return (n_large - n_small) / extra if extra > 0 else float("nan")
 
 
 def table(rows, compare_row, header):
     lines = [header, "",
-             "| network | engine (auto) | forward img/s TF / LiteRT | featurepipe end-to-end img/s "
-             "| classic script img/s | end-to-end / best forward | end-to-end / classic "
+             "| network | engine (auto) | forward img/s TF / LiteRT | featurepipe end-to-end img/s (whole large run) "
+             "| classic script img/s (whole large run) | end-to-end / best forward | end-to-end / classic "
              "| CPU ms/img forward / end-to-end / classic | decode wait | peak RSS MB small → large "
              "| start-up s | first use s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -306,7 +308,8 @@ def table(rows, compare_row, header):
         big, small = r["fp_large"], r["fp_small"]
         lite = f"{fwd['litert']:.0f}" if "litert" in fwd else "n/a"
         lines.append(
-            f"| {r['backbone']} | {big['engine']} | {fwd['tf']:.0f} / {lite} | {e2e:.0f} | {classic:.0f} "
+            f"| {r['backbone']} | {big['engine']} | {fwd['tf']:.0f} / {lite} "
+            f"| {e2e:.0f} ({n_large / big['wall']:.0f}) | {classic:.0f} ({n_large / r['classic_large']['wall']:.0f}) "
             f"| {e2e / max(fwd.values()):.2f} | {e2e / classic:.2f} "
             f"| {fwd_cpu:.1f} / {e2e_cpu:.1f} / {classic_cpu:.1f} "
             f"| {100 * big['decode_wait'] / big['seconds']:.1f} % "
@@ -316,7 +319,8 @@ def table(rows, compare_row, header):
     lines += ["", f"Fit side: {per_row:.1f} s per `compare` row ({compare_row['rows']} rows on the large "
                   "feature files)." if per_row else "Fit side: `featurepipe.compare` not available in this checkout."]
     lines += ["", "End-to-end and classic rates are marginal (extra images / extra seconds between the small "
-                  "and the large run: start-up excluded); forward = the engine alone on decoded in-memory "
+                  "and the large run: start-up excluded; in brackets the large run's images / its whole "
+                  "process time, start-up and the final verify included); forward = the engine alone on decoded in-memory "
                   "batches (preprocessing is in the graph); decode wait = time the forward pass waited for "
                   "decoded images / run time; start-up = a fresh process importing featurepipe, loading the "
                   "model from the cache and extracting one image; first use = the same with an empty cache "
@@ -388,6 +392,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{datetime.now(timezone.utc):%Y%m%d-%H%M}.md"
     path.write_text(text + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"rows": rows, "compare": compare_row}, indent=1))
     log(f"saved {path}")
     return 0
 

@@ -39,8 +39,11 @@ CACHE_FORMAT = 2           # bump when the conversion changes, so old .tflite fi
 # Images per forward pass: the fastest of 8/16/32/64 for both engines and networks measured with
 # ``python benchmarks/bench.py --sweep 8 16 32 64`` on 2 cores (see the README's Performance).
 DEFAULT_BATCH_SIZE = 8
-TRIAL_BATCH = 16           # images per timed batch in the auto trial
-TRIAL_ROUNDS = 3           # timed batches per engine (after one warm-up batch each)
+TRIAL_BATCH = DEFAULT_BATCH_SIZE  # images per timed batch in the auto trial
+TRIAL_ROUNDS = 5                  # timed batches per engine (after one warm-up batch each)
+# auto keeps LiteRT unless TF is faster by more than this: LiteRT also starts faster (no TensorFlow
+# import, no Keras model build when its conversion is cached).
+TF_MARGIN = 1.05
 
 
 def cache_dir():
@@ -393,7 +396,8 @@ def choose_engine(model, spec):
     """The faster engine for this network on this machine (``tf`` without LiteRT).
 
     The first call times both engines on a few batches and remembers the winner under
-    ``cache_dir()``; later calls only build the winner.
+    ``cache_dir()`` (LiteRT unless TF is more than 5 % faster: it starts faster); later calls only
+    build the winner.
     """
     source = ModelSource.wrap(model)
     if not litert_available():
@@ -407,7 +411,7 @@ def choose_engine(model, spec):
         warnings.warn(f"{err}; using the tf engine", stacklevel=2)
         return TFEngine(source, spec)
     rates = time_engines(candidates, _trial_batch(source, spec))
-    winner = max(rates, key=rates.get)
+    winner = "tf" if rates["tf"] > TF_MARGIN * rates["litert"] else "litert"
     _remember(spec, {"engine": winner, "images_per_second": {k: round(v, 1) for k, v in rates.items()},
                      "machine": machine_id(), "batch": TRIAL_BATCH})
     return candidates[winner]
