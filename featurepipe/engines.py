@@ -10,8 +10,9 @@ one:
 * ``litert``: the whole feature model (pooling included) converted once to a ``.tflite`` file,
   cached under ``cache_dir()`` and run by LiteRT's CPU (XNNPACK) kernels (``pip install
   featurepipe[litert]``);
-* ``auto``: the faster of the two for that network on this machine, found by a short timed trial
-  that is remembered in the cache; ``tf`` when LiteRT is missing or cannot convert the network.
+* ``auto``: the faster of the two for that network on this machine (LiteRT on a tie), found by a
+  short timed trial that is remembered in the cache; ``tf`` when LiteRT is missing or cannot
+  convert the network.
 """
 
 import contextlib
@@ -73,7 +74,7 @@ class ModelSource:
     Parameters
     ----------
     build : callable
-        ``build() -> keras.Model`` mapping (n, S, S, 3) float32 to (n, D).
+        ``build() -> keras.Model`` mapping a batch (n, S, S, 3) to features (n, D).
     """
 
     def __init__(self, build):
