@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import PREPROCESS, build_feature_model
+from .backbones import PREPROCESS, build_feature_model, import_tensorflow
 from .errors import FeaturepipeError, UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -109,6 +109,7 @@ class TFEngine:
     name = "tf"
 
     def __init__(self, model, spec=None):
+        import_tensorflow()
         import tensorflow as tf
 
         model = ModelSource.wrap(model).get()
@@ -188,6 +189,7 @@ def tflite_path(spec):
 
 def convert_to_tflite(model):
     """The ``.tflite`` bytes of a Keras model (float32, batch dimension left free)."""
+    import_tensorflow()
     import tensorflow as tf
 
     try:
