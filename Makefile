@@ -33,7 +33,7 @@ compare: $(STAMP)
 run: features compare
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(if $(wildcard $(DATA)),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) data/features models/*

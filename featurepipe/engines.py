@@ -1,17 +1,106 @@
 """Forward-pass engines and the FeatureModel that ties a backbone, its settings and an engine.
 
-An engine wraps a Keras feature model and maps a preprocessed float32 batch (n, S, S, 3) to
-features (n, D). ``ENGINES`` maps an engine name to a factory ``make(model, spec) -> engine``.
+An engine runs a Keras model on a batch and has a ``name``. ``FeatureModel`` gives its engine
+``pixel_model``: RGB pixels (n, S, S, 3) uint8 -> preprocessing -> network -> pooling -> features
+(n, D) float32, all in one graph (numpy preprocessing in the main thread cost as much CPU as JPEG
+decoding). ``ENGINES`` maps an engine name to its entry; ``make_engine(name, model, spec)`` builds
+one:
+
+* ``tf``: the Keras feature model's call compiled with ``tf.function``;
+* ``litert``: the whole feature model (pooling included) converted once to a ``.tflite`` file,
+  cached under ``cache_dir()`` and run by LiteRT's CPU (XNNPACK) kernels (``pip install
+  featurepipe[litert]``);
+* ``auto``: the faster of the two for that network on this machine (LiteRT on a tie), found by a
+  short timed trial that is remembered in the cache; ``tf`` when LiteRT is missing or cannot
+  convert the network.
 """
 
+import contextlib
+import hashlib
+import io
+import json
 import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .backbones import build_feature_model, import_tensorflow, preprocess
-from .errors import UsageError
+from .backbones import PREPROCESS, build_feature_model, import_tensorflow
+from .errors import FeaturepipeError, UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+CACHE_FORMAT = 2           # bump when the conversion changes, so old .tflite files are not reused
+# Images per forward pass: the fastest of 8/16/32/64 for both engines and networks measured with
+# ``python benchmarks/bench.py --sweep 8 16 32 64`` on 2 cores (see the README's Performance).
+DEFAULT_BATCH_SIZE = 8
+TRIAL_BATCH = DEFAULT_BATCH_SIZE  # images per timed batch in the auto trial
+TRIAL_ROUNDS = 5                  # timed batches per engine (after one warm-up batch each)
+# auto keeps LiteRT unless TF is faster by more than this: LiteRT also starts faster (no TensorFlow
+# import, no Keras model build when its conversion is cached).
+TF_MARGIN = 1.05
+
+
+def cache_dir():
+    """The folder for converted models and engine choices (``$FEATUREPIPE_CACHE`` or ~/.cache/featurepipe)."""
+    return Path(os.environ.get("FEATUREPIPE_CACHE") or Path.home() / ".cache" / "featurepipe")
+
+
+def pixel_model(backbone, spec, resolved):
+    """A Keras model from RGB pixels to features, preprocessing included.
+
+    Returns
+    -------
+    keras.Model mapping (n, S, S, 3) uint8 to (n, D) float32 (S = ``spec.image_size``)
+    """
+    import keras
+
+    network = build_feature_model(backbone, spec, resolved)
+    mode = PREPROCESS[spec.preprocess]
+    pixels = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="pixels")
+    x = keras.layers.Lambda(lambda t: mode(keras.ops.cast(t, "float32")), name="preprocess")(pixels)
+    return keras.Model(pixels, network(x), name=f"{network.name}_from_pixels")
+
+
+class ModelSource:
+    """A Keras feature model built at most once, when an engine first needs it.
+
+    Parameters
+    ----------
+    build : callable
+        ``build() -> keras.Model`` mapping a batch (n, S, S, 3) to features (n, D).
+    """
+
+    def __init__(self, build):
+        self._build = build
+        self._model = None
+
+    @classmethod
+    def wrap(cls, model):
+        """A ModelSource for a Keras model, a ModelSource, or a zero-argument builder."""
+        if isinstance(model, cls):
+            return model
+        if hasattr(model, "inputs"):
+            return cls(lambda: model)
+        return cls(model)
+
+    @property
+    def built(self):
+        return self._model is not None
+
+    def get(self):
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+
+# --------------------------------------------------------------------------- tf
 
 
 class TFEngine:
@@ -23,29 +112,315 @@ class TFEngine:
         import_tensorflow()
         import tensorflow as tf
 
+        model = ModelSource.wrap(model).get()
         self.model = model
-        size = model.inputs[0].shape[1:]
+        shape, self.dtype = model.inputs[0].shape[1:], np.dtype(model.inputs[0].dtype)
         self._forward = tf.function(
             lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, *size), tf.float32)],
+            input_signature=[tf.TensorSpec((None, *shape), tf.as_dtype(self.dtype))],
             reduce_retracing=True,
         )
 
     def run(self, batch):
-        """batch : ndarray (n, S, S, 3) float32, preprocessed -> ndarray (n, D) float32."""
-        return np.asarray(self._forward(batch), dtype=np.float32)
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
+        return np.asarray(self._forward(np.asarray(batch, dtype=self.dtype)), dtype=np.float32)
 
 
-ENGINES = {"tf": TFEngine}
+# --------------------------------------------------------------------------- litert
+
+
+def _litert_interpreter():
+    """LiteRT's Interpreter class; UsageError naming the install command when it is missing."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as err:
+        raise UsageError(f"the litert engine needs ai-edge-litert ({err}); pip install "
+                         "'featurepipe[litert]' or use --engine tf") from None
+    return Interpreter
+
+
+def litert_available():
+    """True when LiteRT can be imported."""
+    try:
+        _litert_interpreter()
+    except UsageError:
+        return False
+    return True
+
+
+def _tensorflow_version():
+    from importlib import metadata
+
+    for dist in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+def model_key(spec):
+    """What a converted pixel model depends on, as a dict; None when it cannot be cached.
+
+    Random weights (no ``weights_sha256``) differ at every build, so they are never cached.
+    """
+    if spec is None or not spec.weights_sha256:
+        return None
+    return {"backbone": spec.backbone, "layer": spec.layer, "pooling": spec.pooling,
+            "image_size": int(spec.image_size), "preprocess": spec.preprocess,
+            "weights_sha256": spec.weights_sha256,
+            "tensorflow": _tensorflow_version(), "format": CACHE_FORMAT}
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tflite_path(spec):
+    """Where the converted model of ``spec`` is cached (None when it is not cacheable)."""
+    key = model_key(spec)
+    if key is None:
+        return None
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in spec.backbone.split("/")[-1])
+    return cache_dir() / "litert" / f"{stem}-{spec.image_size}-{spec.pooling}-{_digest(key)}.tflite"
+
+
+def convert_to_tflite(model):
+    """The ``.tflite`` bytes of a Keras model (float32, batch dimension left free)."""
+    import_tensorflow()
+    import tensorflow as tf
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return converter.convert()
+    except Exception as err:
+        raise FeaturepipeError(f"cannot convert '{model.name}' to LiteRT ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}); use --engine tf") from None
+
+
+def _write_atomic(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def cached_tflite(model, spec):
+    """The converted model: ``(path, None)`` from the cache (converting on a miss), or
+    ``(None, bytes)`` when ``spec`` cannot be cached."""
+    path = tflite_path(spec)
+    if path is None:
+        return None, convert_to_tflite(ModelSource.wrap(model).get())
+    if not path.is_file():
+        _write_atomic(path, convert_to_tflite(ModelSource.wrap(model).get()))
+    return path, None
+
+
+@contextlib.contextmanager
+def _drop_native_info():
+    """Hide the native 'INFO: Created TensorFlow Lite XNNPACK delegate' line; keep other output."""
+    import sys
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(True)
+                    if not line.startswith("INFO: ")]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
+class LiteRTEngine:
+    """LiteRT (TensorFlow Lite) with its XNNPACK CPU kernels, on the cached converted model.
+
+    One interpreter is kept per batch size (the two most recent), so a short last batch does not
+    force the usual batch to be re-planned. Calls from several threads take turns (an interpreter
+    is not thread-safe; each call already uses every core).
+    """
+
+    name = "litert"
+    keep_sizes = 2
+
+    def __init__(self, model, spec=None, *, num_threads=None):
+        self._interpreter_class = _litert_interpreter()
+        self.path, self._content = cached_tflite(model, spec)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self._by_size = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _interpreter(self, n):
+        if n in self._by_size:
+            self._by_size.move_to_end(n)
+            return self._by_size[n]
+        source = {"model_path": str(self.path)} if self.path else {"model_content": self._content}
+        it = self._interpreter_class(num_threads=self.num_threads, **source)
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        it.resize_tensor_input(inp["index"], [n, *inp["shape"][1:]], strict=True)
+        with _drop_native_info():
+            it.allocate_tensors()
+        self._by_size[n] = (it, inp["index"], out["index"], inp["dtype"])
+        while len(self._by_size) > self.keep_sizes:
+            self._by_size.popitem(last=False)
+        return self._by_size[n]
+
+    def run(self, batch):
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
+        with self._lock:
+            it, inp, out, dtype = self._interpreter(len(batch))
+            it.set_tensor(inp, np.ascontiguousarray(batch, dtype=dtype))
+            it.invoke()
+            return np.array(it.get_tensor(out), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- registry and auto
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """One forward-pass engine: ``make(model, spec)`` builds it; ``available()`` says if it can."""
+
+    name: str
+    make: object
+    available: object
+    description: str
+
+
+ENGINES = {
+    "tf": EngineKind(name="tf", make=TFEngine, available=lambda: True,
+                     description="TensorFlow tf.function (always available)"),
+    "litert": EngineKind(name="litert", make=LiteRTEngine, available=litert_available,
+                         description="LiteRT XNNPACK CPU kernels on a cached .tflite conversion"),
+}
+ENGINE_CHOICES = ("auto", *ENGINES)
 
 
 def make_engine(name, model, spec):
-    """Build the engine ``name`` for a Keras feature model."""
+    """Build the engine ``name`` (``auto``, ``tf``, ``litert``) for a feature model.
+
+    Parameters
+    ----------
+    name : str
+    model : keras.Model, ModelSource or callable
+        The feature model, or a zero-argument function building it (only called when needed:
+        a cached LiteRT model needs no Keras model).
+    spec : FeatureSpec or None
+        Keys the cache; None disables caching.
+    """
     if name == "auto":
-        name = "tf"
+        return choose_engine(model, spec)
     if name not in ENGINES:
-        raise UsageError(f"unknown engine '{name}'; use one of auto, {', '.join(ENGINES)}")
-    return ENGINES[name](model, spec)
+        raise UsageError(f"unknown engine '{name}'; use one of {', '.join(ENGINE_CHOICES)}")
+    return ENGINES[name].make(ModelSource.wrap(model), spec)
+
+
+def machine_id():
+    """CPU model, core count and platform: engine speed depends on them."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()} {platform.machine()} {platform.system()}"
+
+
+def _choices_path():
+    return cache_dir() / "engine-choices.json"
+
+
+def remembered_choice(spec):
+    """The engine ``auto`` chose before for ``spec`` on this machine (a dict), or None."""
+    key = model_key(spec)
+    if key is None:
+        return None
+    try:
+        choices = json.loads(_choices_path().read_text())
+    except (OSError, ValueError):
+        return None
+    return choices.get(_digest({**key, "machine": machine_id()}))
+
+
+def _remember(spec, record):
+    key = model_key(spec)
+    if key is None:
+        return
+    path = _choices_path()
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):
+        choices = {}
+    choices[_digest({**key, "machine": machine_id()})] = record
+    _write_atomic(path, json.dumps(choices, indent=1, sort_keys=True).encode())
+
+
+def _trial_batch(model, spec):
+    rng = np.random.default_rng(0)
+    if spec is not None:
+        s = spec.image_size
+        return rng.integers(0, 256, (TRIAL_BATCH, s, s, 3), dtype=np.uint8)
+    shape = ModelSource.wrap(model).get().inputs[0].shape[1:]
+    return rng.uniform(0, 255, (TRIAL_BATCH, *shape)).astype(np.float32)
+
+
+def time_engines(engines, batch, rounds=TRIAL_ROUNDS):
+    """Images per second of each engine on ``batch``: best of ``rounds`` runs, interleaved.
+
+    Interleaving spreads any load from other programs over all engines alike.
+    """
+    for engine in engines.values():
+        engine.run(batch)  # warm-up: compile, allocate
+    best = {name: float("inf") for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.run(batch)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(batch) / seconds for name, seconds in best.items()}
+
+
+def choose_engine(model, spec):
+    """The faster engine for this network on this machine (``tf`` without LiteRT).
+
+    The first call times both engines on a few batches and remembers the winner under
+    ``cache_dir()`` (LiteRT unless TF is more than 5 % faster: it starts faster); later calls only
+    build the winner.
+    """
+    source = ModelSource.wrap(model)
+    if not litert_available():
+        return TFEngine(source, spec)
+    record = remembered_choice(spec)
+    if record is not None and record.get("engine") in ENGINES:
+        return ENGINES[record["engine"]].make(source, spec)
+    try:
+        candidates = {"tf": TFEngine(source, spec), "litert": LiteRTEngine(source, spec)}
+    except FeaturepipeError as err:
+        warnings.warn(f"{err}; using the tf engine", stacklevel=2)
+        return TFEngine(source, spec)
+    rates = time_engines(candidates, _trial_batch(source, spec))
+    winner = "tf" if rates["tf"] > TF_MARGIN * rates["litert"] else "litert"
+    _remember(spec, {"engine": winner, "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+                     "machine": machine_id(), "batch": TRIAL_BATCH})
+    return candidates[winner]
+
+
+# --------------------------------------------------------------------------- feature model
 
 
 class FeatureModel:
@@ -57,12 +432,15 @@ class FeatureModel:
     spec : FeatureSpec
     resolved : ResolvedWeights or None
     engine : str
-        ``auto``, ``tf`` or any name in ``ENGINES``.
+        ``auto``, ``tf``, ``litert`` (see ``ENGINES``).
 
-    The network is built on the first call.
+    The engine (and the network, when the engine needs it) is built on first use; then
+    ``engine.name`` is the engine really used (``auto`` resolved).
     """
 
     def __init__(self, backbone, spec, resolved, engine="auto"):
+        if engine not in ENGINE_CHOICES:
+            raise UsageError(f"unknown engine '{engine}'; use one of {', '.join(ENGINE_CHOICES)}")
         self.backbone = backbone
         self.spec = spec
         self.resolved = resolved
@@ -72,21 +450,26 @@ class FeatureModel:
     @property
     def engine(self):
         if self._engine is None:
-            model = build_feature_model(self.backbone, self.spec, self.resolved)
-            self._engine = make_engine(self.engine_name, model, self.spec)
+            source = ModelSource(lambda: pixel_model(self.backbone, self.spec, self.resolved))
+            self._engine = make_engine(self.engine_name, source, self.spec)
         return self._engine
 
     @property
     def dim(self):
         return self.engine.run(np.zeros((1, self.spec.image_size, self.spec.image_size, 3),
-                                        np.float32)).shape[1]
+                                        np.uint8)).shape[1]
 
     def __call__(self, images):
-        """images : ndarray (n, S, S, 3) uint8 RGB -> features ndarray (n, D) float32."""
-        x = preprocess(images, self.spec.preprocess)
-        features = self.engine.run(x)
+        """images : ndarray (n, S, S, 3) uint8 RGB -> features ndarray (n, D) float32.
+
+        Other dtypes are rounded and clipped to 0..255.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        features = self.engine.run(images)
         if self.spec.augment == "flip":
-            features = (features + self.engine.run(np.ascontiguousarray(x[:, :, ::-1]))) / 2.0
+            features = (features + self.engine.run(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
         return features.astype(np.float32, copy=False)
 
 

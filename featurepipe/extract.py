@@ -28,10 +28,11 @@ import numpy as np
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
-from .engines import FeatureModel
+from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
+from .verify import EXTRACT_SAMPLE, verify
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
 DECODE_TIMEOUT = 120.0
@@ -88,7 +89,7 @@ class ExtractResult:
 class Options:
     """Settings shared by every backbone of one run."""
 
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     image_size: int = None
     layer: str = None
     pooling: str = "avg"
@@ -105,6 +106,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = None
     chunk_size: int = None
+    verify: int = EXTRACT_SAMPLE  # rows re-extracted on the TF engine and compared at the end; 0: none
     dask: str = None              # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
 
 
@@ -122,7 +124,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     **options
         See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
         augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
-        chunk_size, dask (see ``featurepipe.distributed``).
+        chunk_size, verify, dask (see ``featurepipe.distributed``).
 
     Returns
     -------
@@ -212,7 +214,21 @@ def _extract_backbone(index, name, out_dir, opts):
         shutil.rmtree(parts_dir, ignore_errors=True)
     if not opts.quiet:
         print(result.summary(), file=sys.stderr)
+    _verify_written(result.path, spec, opts)
     return result
+
+
+def _verify_written(path, spec, opts):
+    """Re-extract a few random rows of the new file on the TF engine; DataError if they differ."""
+    if opts.verify <= 0 or not spec.weights_sha256:  # random weights cannot be reproduced
+        return
+    checked = verify(path, sample=opts.verify, seed=opts.seed, weights=opts.weights,
+                     batch_size=opts.batch_size)
+    if not checked.ok:
+        raise DataError(f"{checked.summary()}: {'; '.join(map(str, checked.mismatches[:3]))} "
+                        f"(check with python -m featurepipe.verify {path} --sample 0)")
+    if not opts.quiet:
+        print(checked.summary(), file=sys.stderr)
 
 
 def _existing_file(path, spec, overwrite):
@@ -555,12 +571,21 @@ def _versions():
     return tf.__version__, keras.__version__
 
 
+def _engine_attr(model, old):
+    """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
+    new = model.engine.name if model._engine is not None else model.engine_name
+    names = {new} if new != "auto" else set()
+    if old is not None:
+        names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
+    return "+".join(sorted(names)) or new
+
+
 def _attrs(index, spec, model, opts, dim, old, now):
     tf_version, keras_version = _versions()
     attrs = dict(spec.__dict__)
     attrs.update(
         feature_dim=dim,
-        engine=model.engine_name if model._engine is None else model.engine.name,
+        engine=_engine_attr(model, old),
         featurepipe_version=__version__,
         tensorflow_version=tf_version,
         keras_version=keras_version,
@@ -587,7 +612,8 @@ def build_parser():
                    help="backbone name (repeatable) or file:PATH of a Keras model; default: "
                         + " ".join(DEFAULT_BACKBONES))
     p.add_argument("--out", help="output folder (default data/features/<name of DATA>)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}: the fastest measured)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's)")
     p.add_argument("--layer", help="an inner layer instead of the default (see --list-layers)")
     p.add_argument("--pooling", choices=POOLING_MODES, default="avg", help="global pooling of a spatial map")
@@ -600,13 +626,17 @@ def build_parser():
     p.add_argument("--test-size", type=float, default=0.2)
     p.add_argument("--val-size", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="auto", help="forward-pass engine: auto, tf")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
+                        "one on this machine, remembered; tf without LiteRT)")
     p.add_argument("--workers", type=int, help="image decoding threads")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
                         "on a filesystem all workers share), local (a worker per core) or local:N")
     p.add_argument("--overwrite", action="store_true", help="replace a file made with other settings")
+    p.add_argument("--no-verify", action="store_true",
+                   help=f"skip re-extracting {EXTRACT_SAMPLE} random rows on the TF engine at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
     p.add_argument("--list-layers", metavar="BACKBONE", help="print a backbone's layers and output shapes")
@@ -637,7 +667,8 @@ def main(argv=None):
                    resize=args.resize, augment=args.augment, test_size=args.test_size,
                    val_size=args.val_size, seed=args.seed, overwrite=args.overwrite,
                    engine=args.engine, quiet=args.quiet, max_pixels=args.max_pixels,
-                   workers=args.workers, dask=args.dask)
+                   workers=args.workers, dask=args.dask,
+                   verify=0 if args.no_verify else EXTRACT_SAMPLE)
     with warnings.catch_warnings():
         warnings.showwarning = _warn_line
         extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("FEATUREPIPE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 WEIGHTS = SHARED / "weights"
 FLOWERS = SHARED / "datasets" / "flowers5"
 
@@ -58,11 +58,18 @@ def tiny_model_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """One engine cache (converted models, auto choices) shared by the tests of a session."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
+def isolated_home(tmp_path, monkeypatch, session_cache):
     """Every test writes data/ and models/ under its own temporary folder."""
     monkeypatch.setenv("FEATUREPIPE_DATA", str(tmp_path / "home" / "data"))
     monkeypatch.setenv("FEATUREPIPE_MODELS", str(tmp_path / "home" / "models"))
+    monkeypatch.setenv("FEATUREPIPE_CACHE", str(session_cache))
     if WEIGHTS.is_dir():
         monkeypatch.setenv("FEATUREPIPE_WEIGHTS", str(WEIGHTS))
     yield
