@@ -499,8 +499,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
         writer.write_skipped(skipped)
         dup_groups, dup_leaks = _duplicates(writer)
         writer.set_attrs(n_rows=len(good_positions), n_skipped=len(skipped),
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks,
-                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
         writer.commit()
     except BaseException:
         writer.abort()
