@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .classifiers import CLASSIFIERS, parse_grid
+from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .errors import UsageError
 from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
                   model_stem, resolve_feature_files, results_markdown, update_results)
@@ -57,6 +57,8 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     """
     files = resolve_feature_files(feature_files)
     clfs = list(clfs) if clfs else list(CLASSIFIERS)
+    for clf in clfs:
+        get_classifier(clf)  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
     folder = models_dir(sets[0].dataset)
     rows = []
