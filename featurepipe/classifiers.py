@@ -199,7 +199,7 @@ def needs_calibration(pipeline):
     return not hasattr(pipeline, "predict_proba")
 
 
-def calibrated(pipeline, *, cv, seed=0):
+def calibrated(pipeline, *, cv, seed=0, n_jobs=None):
     """Wrap an unfitted pipeline so that it gives probabilities (sigmoid calibration).
 
     With ``ensemble=False`` the pipeline is refitted on all rows and the calibrators are fitted
@@ -209,7 +209,7 @@ def calibrated(pipeline, *, cv, seed=0):
     from sklearn.model_selection import StratifiedKFold
 
     folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
-    return CalibratedClassifierCV(pipeline, method="sigmoid", cv=folds, ensemble=False)
+    return CalibratedClassifierCV(pipeline, method="sigmoid", cv=folds, ensemble=False, n_jobs=n_jobs)
 
 
 # --------------------------------------------------------------------------- grids

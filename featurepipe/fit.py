@@ -406,7 +406,7 @@ def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
     final = clone(pipeline).set_params(**best)
     if needs_calibration(final):
         final = calibrated(final, cv=min(3, cv), seed=seed)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # in this process: counted, not printed
         warnings.simplefilter("always", ConvergenceWarning)
         final.fit(X, y)
     n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
