@@ -107,7 +107,7 @@ def _rf(n_samples, n_features, seed):
 
     # 64 PCA components: as accurate as the raw features here and several times faster.
     return [("scale", _scaler()), ("pca", _pca(n_samples, n_features, seed, dims=64)),
-            ("clf", RandomForestClassifier(n_estimators=200, max_features="sqrt", n_jobs=1,
+            ("clf", RandomForestClassifier(n_estimators=100, max_features="sqrt", n_jobs=1,
                                            random_state=seed))]
 
 
@@ -117,7 +117,7 @@ def _mlp(n_samples, n_features, seed):
     # Early stopping holds out 10 % of the rows: only worth it when that is a real sample.
     return [("scale", _scaler()),
             ("clf", MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-2, early_stopping=n_samples >= 500,
-                                  validation_fraction=0.1, n_iter_no_change=10, max_iter=200,
+                                  validation_fraction=0.1, n_iter_no_change=5, max_iter=200,
                                   random_state=seed))]
 
 
@@ -139,7 +139,7 @@ CLASSIFIERS = {
         description="k nearest neighbours, cosine distance, distance-weighted"),
     "rf": ClassifierSpec(
         name="rf", build=_rf, grid={"clf__min_samples_leaf": [1]},
-        description="random forest, 200 trees on 64 PCA components"),
+        description="random forest, 100 trees on 64 PCA components"),
     "mlp": ClassifierSpec(
         name="mlp", build=_mlp, grid={"clf__alpha": [1e-2]},
         description="one hidden layer of 256 (MLPClassifier, early stopping)"),
