@@ -150,7 +150,7 @@ def plot_best_confusion(rows, folder, *, path=None):
             continue
         if saved.get("confusion") and saved.get("class_names"):
             return plot_confusion(saved["confusion"], saved["class_names"], path or Path(folder) / "confusion.png",
-                                  title=f"{r['features']} / {r['clf']}: test accuracy {_float(r['test_accuracy']):.4f}")
+                                  title=f"{r['features']} / {r['clf']}\ntest accuracy {_float(r['test_accuracy']):.4f}")
     return None
 
 

@@ -1,7 +1,6 @@
 import csv
 import json
 
-import pytest
 
 from featurepipe import fit as fitmod
 from featurepipe.compare import compare, main

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from featurepipe import fit as fitmod
 from featurepipe.classifiers import CLASSIFIERS, fit_grid, get_classifier, parse_grid
 from featurepipe.errors import DataError, UsageError
 from featurepipe.fit import RESULT_COLUMNS, fit, l2_normalize, load_feature_set, main
