@@ -12,6 +12,7 @@ checked against the hash in its registry entry before it is loaded.
 import functools
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,24 @@ KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 SQUEEZENET_URL = ("https://github.com/DeepCognition/keras-squeezenet/releases/download/v0.4/"
                   "squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5")
 POOLING_MODES = ("avg", "max")
+
+
+def import_tensorflow():
+    """Import TensorFlow and Keras once, hiding the C++ start-up lines that TF_CPP_MIN_LOG_LEVEL
+    cannot silence (they are printed before logging is set up) so progress bars stay readable."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -111,6 +130,7 @@ class Backbone:
 
 def _keras_app(attr, **kwargs):
     def build(weights_path, input_size):
+        import_tensorflow()
         import keras
 
         model = getattr(keras.applications, attr)(
@@ -125,6 +145,7 @@ def _keras_app(attr, **kwargs):
 
 def build_squeezenet(weights_path, input_size):
     """SqueezeNet v1.1 in Keras 3; weights copied in from the keras-squeezenet HDF5 file."""
+    import_tensorflow()
     import keras
     from keras import layers
 
@@ -182,6 +203,7 @@ def _find(group, name):
 
 @functools.lru_cache(maxsize=4)
 def _cached_model(path):
+    import_tensorflow()
     import keras
 
     try:
@@ -307,21 +329,18 @@ def backbone_file_stem(name):
 # --------------------------------------------------------------------------- weights
 
 
-def file_sha256(path, chunk=1 << 20):
+def file_digest(path, algorithm="sha256", chunk=1 << 20):
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
     """sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _file_md5(path, chunk=1 << 20):
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def weights_search_dirs():
@@ -352,7 +371,7 @@ def check_weights_file(path, known):
         if known.sha256 and sha != known.sha256:
             raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
                              f"(sha256 {sha[:12]}..., expected {known.sha256[:12]}...); replace it")
-        if not known.sha256 and known.md5 and _file_md5(path) != known.md5:
+        if not known.sha256 and known.md5 and file_digest(path, "md5") != known.md5:
             raise UsageError(f"weights file '{path}' is damaged or not {known.filename} "
                              f"(md5 mismatch); replace it")
     return sha
@@ -398,6 +417,7 @@ def resolve_weights(backbone, weights=None, *, download=True):
 
 
 def _download(known):
+    import_tensorflow()
     import keras
 
     try:
@@ -456,6 +476,7 @@ def build_feature_model(backbone, spec, resolved):
     The output of ``spec.layer`` (the model's last layer when empty) is globally pooled when it is
     a spatial map.
     """
+    import_tensorflow()
     import keras
 
     base = backbone.builder(resolved.path if resolved else None, spec.image_size)

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .backbones import build_feature_model, preprocess
+from .backbones import build_feature_model, import_tensorflow, preprocess
 from .errors import UsageError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,6 +20,7 @@ class TFEngine:
     name = "tf"
 
     def __init__(self, model, spec=None):
+        import_tensorflow()
         import tensorflow as tf
 
         self.model = model

@@ -8,6 +8,7 @@ or edited images.
 """
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -17,6 +18,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,13 +27,14 @@ import numpy as np
 
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
-                        list_layers, make_spec)
+                        import_tensorflow, list_layers, make_spec)
 from .engines import FeatureModel
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
+DECODE_TIMEOUT = 120.0
 
 
 def data_home():
@@ -93,6 +96,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = None
     chunk_size: int = None
+    dask: str = None              # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
 
 
 def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
@@ -109,7 +113,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     **options
         See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
         augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
-        chunk_size.
+        chunk_size, dask (see ``featurepipe.distributed``).
 
     Returns
     -------
@@ -121,7 +125,8 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     index = list_images(data)
     out_dir = Path(out) if out is not None else default_out_dir(data)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
+    with _dask_session(opts.dask):
+        results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
     pointer = latest_pointer()
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pointer, {"data": str(index.root), "files": [str(r.path.resolve()) for r in results]})
@@ -304,25 +309,35 @@ def _safe_load(abs_path, size, resize, max_pixels):
         return ImageError(f"cannot decode: {type(err).__name__}: {err}")
 
 
-def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS):
+def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
+                   timeout=DECODE_TIMEOUT):
     """Yield ``(rgb, sha1)`` or an ImageError per path, in order, decoding ahead in threads.
 
     Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
+    An image that takes longer than ``timeout`` seconds is reported as unreadable, so no single
+    file can hang the run.
     """
     workers = workers or max(2, min(8, os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode") as pool:
-        futures = deque()
-        paths = iter(abs_paths)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode")
+    futures = deque()
+    paths = iter(abs_paths)
+    try:
         for p in paths:
             futures.append(pool.submit(_safe_load, p, size, resize, max_pixels))
             if len(futures) >= prefetch:
                 break
         while futures:
-            result = futures.popleft().result()
+            try:
+                result = futures.popleft().result(timeout=timeout)
+            except FuturesTimeout:
+                result = ImageError(f"decoding took longer than {timeout:.0f} s")
             nxt = next(paths, None)
             if nxt is not None:
                 futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels))
             yield result
+    finally:
+        # Do not wait for a decoder stuck on a pathological file.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _progress(total, desc, quiet):
@@ -333,30 +348,50 @@ def _progress(total, desc, quiet):
 
 
 def _run_chunks(index, plan, model, spec, parts_dir, opts):
-    """Extract pending images chunk by chunk; return (per-position features dict, skipped)."""
+    """Extract pending images chunk by chunk into part files; return (part files, skipped).
+
+    Parts stay on disk: memory holds one chunk at a time however many images there are.
+    """
     chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
     chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
     _prepare_parts_dir(parts_dir, spec)
-    done, todo = {}, []
-    for name, members in chunks:
-        part = load_part(parts_dir / name) if (parts_dir / name).exists() else None
-        if part is not None:
-            done[name] = part
-        else:
-            todo.append((name, members))
+    todo = [(name, members) for name, members in chunks
+            if load_part(parts_dir / name, keys=("positions",)) is None]
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
-    bar.update(sum(len(m) for n, m in chunks if n in done))
+    bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
+    if opts.dask is not None:
+        return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
     work = [p for _, members in todo for p in members]
     stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
                             spec.resize, workers=opts.workers, max_pixels=opts.max_pixels)
     try:
         for name, members in todo:
-            done[name] = _extract_chunk(members, stream, model, opts.batch_size, bar)
-            save_part(parts_dir / name, **done[name])
+            save_part(parts_dir / name, **_extract_chunk(members, stream, model, opts.batch_size, bar))
     finally:
         stream.close()
         bar.close()
-    return _collect(done)
+    return _collect([parts_dir / name for name, _ in chunks])
+
+
+def _dask_session(address):
+    if address is None:
+        return contextlib.nullcontext()
+    from .distributed import session
+
+    return session(address)
+
+
+def _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar):
+    """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
+    from .distributed import chunk_jobs, run_chunks
+
+    jobs = chunk_jobs(todo, index=index, model=model, parts_dir=parts_dir, opts=opts)
+    try:
+        run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
+                   decoded_stream=decoded_stream, quiet=opts.quiet)
+    finally:
+        bar.close()
+    return _collect([parts_dir / name for name, _ in chunks])
 
 
 def _prepare_parts_dir(parts_dir, spec):
@@ -404,23 +439,28 @@ def _extract_chunk(members, stream, model, batch_size, bar):
     }
 
 
-def _collect(done):
-    parts = [done[name] for name in sorted(done)]
-    skipped = {}
-    for part in parts:
+def _collect(part_files):
+    """The part files that hold rows, and {index position: reason} of the unreadable images."""
+    with_rows, skipped = [], {}
+    for path in part_files:
+        part = load_part(path, keys=("positions", "bad_positions", "bad_reasons"))
+        if part is None:
+            raise DataError(f"part file '{path}' vanished or is damaged; run the same command again")
         skipped.update(zip(part["bad_positions"].tolist(), part["bad_reasons"].tolist()))
-    return parts, skipped
+        if len(part["positions"]):
+            with_rows.append(path)
+    return with_rows, skipped
 
 
 def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
-    parts = [p for p in parts if len(p["positions"])]
-    good_positions = sorted(set(plan.keep) | {int(p) for part in parts for p in part["positions"]})
+    part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
+    good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
     if not good_positions:
         reasons = sorted(set(new_skipped.values()))[:3]
         raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
                         f"{'; '.join(reasons)})")
-    dim = parts[0]["features"].shape[1] if parts else int(old.attrs["feature_dim"])
+    dim = load_part(parts[0])["features"].shape[1] if parts else int(old.attrs["feature_dim"])
     row_of = {pos: r for r, pos in enumerate(good_positions)}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
@@ -429,7 +469,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     try:
         _write_kept(writer, index, plan, old, row_of)
         for part in parts:
-            _write_part(writer, index, plan, part, row_of)
+            _write_part(writer, index, plan, load_part(part), row_of)
         skipped = _skipped_rows(index, plan, new_skipped)
         writer.write_skipped(skipped)
         dup_groups, dup_leaks = _duplicates(writer)
@@ -439,7 +479,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     except BaseException:
         writer.abort()
         raise
-    n_new = sum(len(p["positions"]) for p in parts)
+    n_new = sum(len(p) for p in part_positions)
     return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
@@ -497,6 +537,7 @@ def _duplicates(writer):
 
 
 def _versions():
+    import_tensorflow()
     import tensorflow as tf
     import keras
 
@@ -551,6 +592,9 @@ def build_parser():
     p.add_argument("--engine", default="auto", help="forward-pass engine: auto, tf")
     p.add_argument("--workers", type=int, help="image decoding threads")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
+                        "on a filesystem all workers share), local (a worker per core) or local:N")
     p.add_argument("--overwrite", action="store_true", help="replace a file made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list the known backbones and exit")
@@ -582,7 +626,7 @@ def main(argv=None):
                    resize=args.resize, augment=args.augment, test_size=args.test_size,
                    val_size=args.val_size, seed=args.seed, overwrite=args.overwrite,
                    engine=args.engine, quiet=args.quiet, max_pixels=args.max_pixels,
-                   workers=args.workers)
+                   workers=args.workers, dask=args.dask)
     with warnings.catch_warnings():
         warnings.showwarning = _warn_line
         extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)

@@ -115,7 +115,11 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
     if str(model_path).endswith(".keras"):
         from .finetune import predict_images  # models saved by the fine-tuning stage
 
-        yield from predict_images(model_path, paths, min_prob=min_prob, batch_size=batch_size)
+        for path, label, prob in predict_images(model_path, paths, batch_size=batch_size):
+            if label is None:  # prob is the reason the image could not be read
+                yield Prediction(str(path), "", float("nan"), str(prob))
+            else:
+                yield Prediction(str(path), "unknown" if min_prob is not None and prob < min_prob else label, float(prob))
         return
     bundle = load_model(model_path)
     models = feature_models(bundle, engine=engine)

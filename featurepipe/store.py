@@ -250,11 +250,12 @@ def save_part(path, **arrays):
     os.replace(tmp, path)
 
 
-def load_part(path):
-    """Read a chunk written by ``save_part``; None when it is unreadable (then it is redone)."""
+def load_part(path, keys=None):
+    """Read a chunk written by ``save_part`` (only ``keys`` if given); None when missing or
+    unreadable (then it is redone)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            return {k: data[k] for k in (keys or data.files)}
     except Exception:
         return None
 

@@ -86,11 +86,15 @@ def test_predict_warns_when_tensorflow_differs(trained, tmp_path):
 def test_keras_models_go_to_the_finetune_stage(monkeypatch, tmp_path):
     seen = []
 
-    def predict_images(model_path, image_paths, **kw):
+    def predict_images(model_path, image_paths, *, batch_size=32):
         seen.append((str(model_path), list(image_paths)))
-        return [Prediction(p, "x", 1.0) for p in image_paths]
+        return [(image_paths[0], "x", 0.9), (image_paths[1], None, "cannot decode")]
 
     monkeypatch.setitem(sys.modules, "featurepipe.finetune", types.SimpleNamespace(predict_images=predict_images))
     img = make_image(tmp_path / "a.png", (20, 40, 220))
-    assert predict(tmp_path / "m.keras", [img])[0].label == "x"
-    assert seen == [(str(tmp_path / "m.keras"), [str(img)])]
+    bad = tmp_path / "b.jpg"
+    bad.write_text("x")
+    preds = predict(tmp_path / "m.keras", [img, bad], min_prob=0.5)
+    assert preds == [Prediction(str(img), "x", 0.9), Prediction(str(bad), "", preds[1].probability, "cannot decode")]
+    assert seen == [(str(tmp_path / "m.keras"), [str(img), str(bad)])]
+    assert predict(tmp_path / "m.keras", [img, bad], min_prob=0.95)[0].label == "unknown"

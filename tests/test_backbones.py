@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+
+from conftest import FLOWERS, WEIGHTS, needs_shared
+from featurepipe import backbones
+from featurepipe.backbones import (BACKBONES, build_feature_model, get_backbone, make_spec,
+                                   preprocess, resolve_weights)
+from featurepipe.errors import UsageError
+
+KERAS_APPS = [name for name, b in BACKBONES.items() if name not in ("efficientnet_lite0",)]
+
+
+@pytest.mark.parametrize("name", KERAS_APPS)
+def test_registry_entry_builds_with_its_feature_size(name):
+    entry = get_backbone(name)
+    spec, resolved = make_spec(entry, weights="none")
+    model = build_feature_model(entry, spec, resolved)
+    size = entry.input_size
+    assert model.input_shape == (None, size, size, 3)
+    assert model.output_shape == (None, entry.dim)
+    assert entry.preprocess in backbones.PREPROCESS
+
+
+@pytest.mark.parametrize("mode, module", [
+    ("caffe", "vgg16"), ("tf", "mobilenet_v2"), ("torch", "densenet"), ("none", "efficientnet")])
+def test_preprocessing_matches_keras_and_never_modifies_input(mode, module):
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    before = images.copy()
+    ours = preprocess(images, mode)
+    reference = getattr(keras.applications, module).preprocess_input(images.copy())
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(images, before)
+    assert ours.dtype == np.float32
+
+
+def test_lite_and_scale_preprocessing():
+    x = np.array([[[[0, 127, 255]]]], dtype=np.uint8)
+    np.testing.assert_allclose(preprocess(x, "lite")[0, 0, 0], [-127 / 128, 0, 1])
+    np.testing.assert_allclose(preprocess(x, "scale")[0, 0, 0], [0, 127 / 255, 1])
+    with pytest.raises(UsageError, match="unknown preprocessing"):
+        preprocess(x, "bogus")
+
+
+def test_unknown_backbone_lists_known_ones():
+    with pytest.raises(UsageError, match="known: squeezenet, mobilenet"):
+        get_backbone("alexnet")
+
+
+def test_file_backbone_needs_preprocess_and_existing_file(tiny_model_path, tmp_path):
+    with pytest.raises(UsageError, match="--preprocess"):
+        get_backbone(f"file:{tiny_model_path}")
+    with pytest.raises(UsageError, match="not found"):
+        get_backbone(f"file:{tmp_path / 'nope.keras'}", preprocess_mode="tf")
+    entry = get_backbone(f"file:{tiny_model_path}", preprocess_mode="scale")
+    assert entry.input_size == 32
+    spec, resolved = make_spec(entry, layer="conv_a", pooling="max")
+    model = build_feature_model(entry, spec, resolved)
+    assert model.output_shape == (None, 8)
+
+
+def test_bad_layer_is_a_usage_error(tiny_model_path):
+    entry = get_backbone(f"file:{tiny_model_path}", preprocess_mode="scale")
+    spec, resolved = make_spec(entry, layer="nope")
+    with pytest.raises(UsageError, match="no layer 'nope'"):
+        build_feature_model(entry, spec, resolved)
+
+
+def test_offline_without_weights_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREPIPE_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(backbones, "weights_search_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(backbones, "_download", lambda known: None)
+    with pytest.raises(UsageError, match="FEATUREPIPE_WEIGHTS.*--weights"):
+        resolve_weights(get_backbone("vgg16"))
+
+
+def test_weights_found_in_env_folder_and_damaged_file_refused(tmp_path, monkeypatch):
+    entry = get_backbone("squeezenet")
+    fake = tmp_path / entry.weights[0].filename
+    fake.write_bytes(b"truncated")
+    monkeypatch.setattr(backbones, "weights_search_dirs", lambda: [tmp_path])
+    with pytest.raises(UsageError, match="damaged"):
+        resolve_weights(entry)
+    with pytest.raises(UsageError, match="damaged"):
+        resolve_weights(entry, weights=fake)
+    with pytest.raises(UsageError, match="not found"):
+        resolve_weights(entry, weights=tmp_path / "missing.h5")
+
+
+# ----------------------------------------------------------------- real weights (../shared)
+
+
+def _flower_batch(classes=("daisy", "sunflower"), n=8, size=227):
+    from featurepipe.images import load_image
+
+    images, labels = [], []
+    for k, c in enumerate(classes):
+        for path in sorted((FLOWERS / c).iterdir())[:n]:
+            images.append(load_image(path, size)[0])
+            labels.append(k)
+    return np.stack(images), np.array(labels)
+
+
+def _cv_accuracy(X, y):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    X = 10 * X / np.linalg.norm(X, axis=1, keepdims=True)
+    return cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=4).mean()
+
+
+@needs_shared
+def test_squeezenet_real_weights_separate_two_classes():
+    from featurepipe.engines import FeatureModel
+
+    entry = get_backbone("squeezenet")
+    spec, resolved = make_spec(entry)
+    assert resolved.sha256 == entry.weights[0].sha256
+    images, labels = _flower_batch(n=24)
+    features = FeatureModel(entry, spec, resolved, engine="tf")(images)
+    assert features.shape == (48, 512) and (features >= 0).all()
+    assert _cv_accuracy(features, labels) >= 0.85
+    random_spec, _ = make_spec(entry, weights="none")
+    random_features = FeatureModel(entry, random_spec, None, engine="tf")(images)
+    assert not np.allclose(random_features, features)
+
+
+@needs_shared
+def test_mobilenet_v2_and_lite0_match_their_reference_models():
+    import keras
+
+    from featurepipe.engines import FeatureModel
+
+    images, _ = _flower_batch(n=3, size=224)
+    entry = get_backbone("mobilenet_v2")
+    spec, resolved = make_spec(entry)
+    ours = FeatureModel(entry, spec, resolved, engine="tf")(images)
+    ref_model = keras.applications.MobileNetV2(
+        include_top=False, weights=str(WEIGHTS / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"),
+        input_shape=(224, 224, 3), pooling="avg")
+    ref = ref_model.predict(keras.applications.mobilenet_v2.preprocess_input(images.astype("float32")), verbose=0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+    entry = get_backbone("efficientnet_lite0")
+    spec, resolved = make_spec(entry)
+    ours = FeatureModel(entry, spec, resolved, engine="tf")(images)
+    full = keras.models.load_model(WEIGHTS / "efficientnet_lite0_imagenet.keras", compile=False)
+    cut = keras.Model(full.inputs, full.get_layer("avg_pool").output)
+    ref = cut.predict((images.astype("float32") - 127.0) / 128.0, verbose=0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)

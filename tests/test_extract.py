@@ -1,0 +1,312 @@
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COLORS, make_dataset, make_image
+from featurepipe import extract as extract_module
+from featurepipe.cli import run_main
+from featurepipe.errors import DataError, UsageError
+from featurepipe.extract import _Lock, extract, latest_pointer, main
+from featurepipe.store import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(data, model_path, out, **kw):
+    kw.setdefault("preprocess", "scale")
+    kw.setdefault("quiet", True)
+    return extract(data, [f"file:{model_path}"], out=out, **kw)[0]
+
+
+def _same_file(a, b):
+    fa, fb = load(a), load(b)
+    assert list(fa.paths) == list(fb.paths)
+    assert list(fa.split) == list(fb.split)
+    np.testing.assert_array_equal(fa.y, fb.y)
+    np.testing.assert_array_equal(fa.X, fb.X)
+    assert fa.skipped == fb.skipped
+
+
+def test_contract_readable_with_plain_h5py(tiny_data, tiny_model_path, tmp_path):
+    result = _run(tiny_data, tiny_model_path, tmp_path / "out", test_size=0.25, val_size=0.25)
+    assert result.path == tmp_path / "out" / "tiny.h5"
+    with h5py.File(result.path, "r") as f:
+        assert f["features"].dtype == np.float32 and f["features"].shape == (18, 16)
+        paths = list(f["paths"].asstr()[()])
+        assert paths == sorted(paths) and all("\\" not in p for p in paths)
+        classes = list(f["class_names"].asstr()[()])
+        assert classes == ["blue", "green", "red"]
+        labels = f["labels"][()]
+        assert [classes[k] for k in labels] == [p.split("/")[0] for p in paths]
+        split = list(f["split"].asstr()[()])
+        for c in range(3):
+            per_class = [s for s, k in zip(split, labels) if k == c]
+            assert per_class.count("test") == 2 and per_class.count("val") == 2
+        assert f["file_size"].shape == (18,) and (f["file_size"][()] > 0).all()
+        assert f["mtime_ns"].shape == (18,) and len(f["sha1"].asstr()[0]) == 40
+        assert f["skipped"].shape == (0, 2)
+        attrs = dict(f.attrs)
+    for key in ("backbone", "layer", "pooling", "image_size", "resize", "preprocess", "augment",
+                "weights_source", "weights_sha256", "featurepipe_version", "tensorflow_version",
+                "data_root", "created", "engine", "seed"):
+        assert key in attrs, key
+    assert attrs["data_root"] == str(tiny_data.resolve()) and attrs["image_size"] == 32
+    assert latest_pointer().exists()
+
+
+def test_features_equal_a_direct_forward_pass(tiny_data, tiny_model_path, tmp_path):
+    import keras
+
+    result = _run(tiny_data, tiny_model_path, tmp_path / "out", pooling="max", layer="conv_a")
+    f = load(result.path)
+    model = keras.models.load_model(tiny_model_path)
+    cut = keras.Model(model.inputs, model.get_layer("conv_a").output)
+    img = np.asarray(Image.open(tiny_data / f.paths[0]).convert("RGB").resize((32, 32), Image.BILINEAR))
+    expected = cut.predict(img[None].astype("float32") / 255.0, verbose=0).max(axis=(1, 2))
+    np.testing.assert_allclose(f.X[0], expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_flip_augment_averages_image_and_mirror(tiny_data, tiny_model_path, tmp_path):
+    plain = load(_run(tiny_data, tiny_model_path, tmp_path / "out").path)
+    result = _run(tiny_data, tiny_model_path, tmp_path / "out", augment="flip")
+    assert result.path.name == "tiny-flip.h5"
+    flipped = load(result.path)
+    assert flipped.attrs["augment"] == "flip"
+    assert not np.allclose(plain.X, flipped.X)
+
+
+def test_resume_after_crash_redoes_only_missing_chunks(tmp_path, tiny_model_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", n_per_class=10)
+    clean = _run(data, tiny_model_path, tmp_path / "clean", chunk_size=4, batch_size=2)
+    calls = []
+    real = extract_module._extract_chunk
+
+    def crashing(members, *args, **kw):
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        calls.append(list(members))
+        return real(members, *args, **kw)
+
+    monkeypatch.setattr(extract_module, "_extract_chunk", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
+    assert not (tmp_path / "resumed" / "tiny.h5").exists()
+    assert len(list((tmp_path / "resumed" / ".tiny.parts").glob("part-*.npz"))) == 3
+    monkeypatch.setattr(extract_module, "_extract_chunk", real)
+    redone = []
+    monkeypatch.setattr(extract_module, "_extract_chunk",
+                        lambda members, *a, **k: redone.append(list(members)) or real(members, *a, **k))
+    result = _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
+    assert len(redone) == 5 and not any(m in calls for m in redone)  # 30 images / 4 = 8 chunks
+    assert result.n_rows == 30
+    _same_file(clean.path, result.path)
+    assert not (tmp_path / "resumed" / ".tiny.parts").exists()
+
+
+def test_kill_9_mid_run_then_rerun_equals_clean_run(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "d", n_per_class=16)
+    clean = _run(data, tiny_model_path, tmp_path / "clean", chunk_size=4, batch_size=4)
+    out = tmp_path / "killed"
+    script = (
+        "import sys, time\n"
+        "from featurepipe import extract as e\n"
+        "real = e._extract_chunk\n"
+        "def slow(*a, **k):\n"
+        "    r = real(*a, **k); time.sleep(0.4); return r\n"
+        "e._extract_chunk = slow\n"
+        f"e.extract({str(data)!r}, ['file:{tiny_model_path}'], out={str(out)!r}, preprocess='scale',"
+        " quiet=True, chunk_size=4, batch_size=4)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    parts = out / ".tiny.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("part-*.npz")))
+    assert 3 <= done_before < 12 and not (out / "tiny.h5").exists()
+    result = _run(data, tiny_model_path, out, chunk_size=4, batch_size=4)
+    assert result.n_rows == 48
+    _same_file(clean.path, result.path)
+
+
+def test_incremental_add_remove_edit(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "d", n_per_class=10)
+    out = tmp_path / "out"
+    first = _run(data, tiny_model_path, out)
+    before = load(first.path)
+    make_dataset(data, n_per_class=2, start=10, classes=("red",))          # 2 new
+    (data / "blue" / "img_000.png").unlink()                              # 1 removed
+    make_image(data / "green" / "img_001.png", (250, 250, 250), seed=99)  # 1 edited
+    os.utime(data / "green" / "img_002.png")                              # touched, same bytes
+    second = _run(data, tiny_model_path, out)
+    assert second.n_extracted == 3 and second.n_rows == 31
+    after = load(second.path)
+    assert "blue/img_000.png" not in set(after.paths)
+    old = dict(zip(before.paths, before.X))
+    new = dict(zip(after.paths, after.X))
+    assert not np.allclose(old["green/img_001.png"], new["green/img_001.png"])
+    for p in before.paths:
+        if p not in ("blue/img_000.png", "green/img_001.png"):
+            np.testing.assert_array_equal(old[p], new[p])
+    old_split = dict(zip(before.paths, before.split))
+    assert all(old_split[p] == s for p, s in zip(after.paths, after.split) if p in old_split)
+    third = _run(data, tiny_model_path, out)
+    assert third.n_extracted == 0 and third.n_rows == 31
+
+
+def test_other_backbone_files_share_the_split(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "d", n_per_class=10)
+    first = _run(data, tiny_model_path, tmp_path / "out")
+    make_dataset(data, n_per_class=10, start=10)
+    twin = tmp_path / "twin.keras"
+    shutil.copy(tiny_model_path, twin)
+    second = _run(data, twin, tmp_path / "out")
+    a, b = load(first.path), load(second.path)
+    split_b = dict(zip(b.paths, b.split))
+    assert all(split_b[p] == s for p, s in zip(a.paths, a.split))
+
+
+def test_other_settings_refused_unless_overwrite(tiny_data, tiny_model_path, tmp_path):
+    _run(tiny_data, tiny_model_path, tmp_path / "out")
+    with pytest.raises(UsageError, match="other settings: pooling='avg' \\(now 'max'\\).*--overwrite"):
+        _run(tiny_data, tiny_model_path, tmp_path / "out", pooling="max")
+    result = _run(tiny_data, tiny_model_path, tmp_path / "out", pooling="max", overwrite=True)
+    assert load(result.path).attrs["pooling"] == "max"
+
+
+def test_second_writer_is_refused(tiny_data, tiny_model_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with _Lock(out / ".tiny.h5.lock"):
+        with pytest.raises(UsageError, match="another featurepipe run"):
+            _run(tiny_data, tiny_model_path, out)
+
+
+def _bad_and_odd_files(root):
+    rng = np.random.default_rng(0)
+    c = root / "red"
+    (c / "zero.jpg").write_bytes(b"")
+    (c / "text.jpg").write_text("this is not a picture\n" * 20)
+    (c / "random.png").write_bytes(rng.bytes(3000))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (c / "truncated.jpg").write_bytes(buf.getvalue()[:600])
+    Image.new("L", (3000, 3000)).save(c / "bomb.png")
+    Image.new("L", (30, 30), 128).save(c / "gray.png")
+    Image.new("CMYK", (30, 30), (0, 200, 200, 0)).save(c / "cmyk.jpg")
+    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(c / "deep16.png")
+    Image.new("RGBA", (30, 30), (200, 0, 0, 100)).save(c / "alpha.png")
+    Image.new("P", (30, 30)).save(c / "palette.gif")
+    make_image(c / "LOUD.JPG", COLORS["red"], fmt="JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(c / "rotated.jpg", exif=exif)
+
+
+def test_bad_files_are_skipped_recorded_and_odd_ones_used(tiny_data, tiny_model_path, tmp_path, capsys):
+    _bad_and_odd_files(tiny_data)
+    [result] = extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "out", preprocess="scale",
+                       max_pixels=4_000_000)
+    f = load(result.path)
+    skipped = dict(f.skipped)
+    assert set(skipped) == {f"red/{n}" for n in ("zero.jpg", "text.jpg", "random.png", "truncated.jpg", "bomb.png")}
+    assert "empty" in skipped["red/zero.jpg"] and "pixels" in skipped["red/bomb.png"]
+    for name in ("gray.png", "cmyk.jpg", "deep16.png", "alpha.png", "palette.gif", "LOUD.JPG", "rotated.jpg"):
+        assert f"red/{name}" in set(f.paths), name
+    assert result.n_rows == 25 and result.n_skipped == 5
+    assert "5 skipped" in capsys.readouterr().err
+    [again] = extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "out", preprocess="scale",
+                      max_pixels=4_000_000, quiet=True)
+    assert again.n_extracted == 0 and again.n_skipped == 5  # unchanged bad files are not retried
+
+
+def test_duplicates_are_reported(tiny_data, tiny_model_path, tmp_path):
+    import warnings
+
+    shutil.copy(tiny_data / "red" / "img_000.png", tiny_data / "red" / "copy.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _run(tiny_data, tiny_model_path, tmp_path / "out")
+    assert result.duplicate_groups == 1, load(result.path).sha1
+    assert any("byte-identical" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert load(result.path).attrs["duplicate_groups"] == 1
+
+
+def test_all_images_unreadable_is_a_clear_error(tmp_path, tiny_model_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match="no readable images"):
+        _run(tmp_path / "d", tiny_model_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{data}", "--backbone", "alexnet"], "unknown backbone 'alexnet'; known: squeezenet"),
+    (["--data", "{tmp}/missing", "--backbone", "squeezenet"], "data not found"),
+    (["--backbone", "squeezenet"], "--data is required"),
+    (["--data", "{data}", "--backbone", "squeezenet", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--data", "{data}", "--backbone", "squeezenet", "--test-size", "1.5"], "--test-size"),
+    (["--data", "{tmp}/empty", "--backbone", "squeezenet"], "no class folders"),
+])
+def test_cli_errors_are_one_line_exit_2(argv, message, tiny_data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(data=tiny_data, tmp=tmp_path) for a in argv]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_subprocess_exit_code_and_list_backbones(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bad = subprocess.run([sys.executable, "-m", "featurepipe.extract", "--data", str(tmp_path),
+                          "--backbone", "nonesuch"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown backbone")
+    listing = subprocess.run([sys.executable, "-m", "featurepipe.extract", "--list-backbones"],
+                             capture_output=True, text=True, env=env)
+    assert listing.returncode == 0
+    assert "squeezenet" in listing.stdout and "227" in listing.stdout and "512" in listing.stdout
+
+
+def test_list_layers(tiny_model_path, capsys):
+    assert main(["--list-layers", f"file:{tiny_model_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "conv_a" in out and "(None, 30, 30, 8)" in out
+
+
+def test_a_hanging_decode_is_skipped_not_waited_for(tmp_path, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real = extract_module.load_image
+
+    def maybe_hang(path, *a, **k):
+        if str(path).endswith("hang.png"):
+            release.wait(10)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(extract_module, "load_image", maybe_hang)
+    paths = [make_image(tmp_path / n, (1, 2, 3)) for n in ("a.png", "hang.png", "b.png")]
+    start = time.time()
+    results = list(extract_module.decoded_stream(paths, 8, "stretch", timeout=0.5))
+    release.set()
+    assert time.time() - start < 5
+    assert isinstance(results[1], extract_module.ImageError) and "longer than" in str(results[1])
+    assert results[0][0].shape == (8, 8, 3) and results[2][0].shape == (8, 8, 3)
+
+
+def test_fifo_named_like_an_image_is_ignored(tiny_data):
+    from featurepipe.images import list_images
+
+    os.mkfifo(tiny_data / "red" / "pipe.jpg")
+    assert "red/pipe.jpg" not in list_images(tiny_data).paths
