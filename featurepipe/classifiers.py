@@ -184,11 +184,13 @@ def _custom_spec(name, estimator):
 
 
 def fit_grid(grid, *, n_samples, n_features):
-    """``grid`` with PCA sizes capped by the data (``n_samples`` rows per CV fit), duplicates dropped."""
+    """``grid`` with PCA sizes and k of k-NN capped by the data (``n_samples`` rows per CV fit),
+    duplicates dropped."""
+    caps = {"n_components": max(1, min(n_features, n_samples - 1)), "n_neighbors": max(1, n_samples)}
     out = {}
     for key, values in grid.items():
-        if key.endswith("n_components"):
-            cap = max(1, min(n_features, n_samples - 1))
+        cap = caps.get(key.rpartition("__")[2])
+        if cap is not None:
             values = dict.fromkeys(min(v, cap) if isinstance(v, int) else v for v in values)
         out[key] = list(values)
     return out

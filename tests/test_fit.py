@@ -47,9 +47,10 @@ def test_linear_svm_dual_follows_the_data_shape():
     assert wide.named_steps["clf"].dual is True and tall.named_steps["clf"].dual is False
 
 
-def test_pca_grid_is_capped_by_the_data():
-    assert fit_grid({"pca__n_components": [16, 32, 64]}, n_samples=20, n_features=40) == {
-        "pca__n_components": [16, 19]}
+def test_pca_and_knn_grids_are_capped_by_the_data():
+    assert fit_grid({"pca__n_components": [16, 32, 64], "clf__n_neighbors": [5, 10, 20], "clf__C": [1]},
+                    n_samples=8, n_features=40) == {
+        "pca__n_components": [7], "clf__n_neighbors": [5, 8], "clf__C": [1]}
 
 
 def test_concatenation_aligns_rows_by_path(tmp_path):
