@@ -1,0 +1,230 @@
+"""Compare every classifier on every feature file and on their concatenation.
+
+``compare(...)`` fits each (feature set, classifier) pair with ``featurepipe.fit.fit`` — reusing
+rows already computed from the same inputs, classifier, grid and folds unless ``force`` — and
+writes ``models/<dataset>/results.csv``, ``results.md`` (sorted by test accuracy),
+``results.png`` (test accuracy bars, CV mean ± std error bars) and ``confusion.png`` (the best
+row). Fine-tuned models saved by ``featurepipe.finetune`` (``<backbone>__finetune.json``) join
+the table as rows of their own.
+"""
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from .classifiers import CLASSIFIERS, get_classifier, parse_grid
+from .errors import UsageError
+from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
+                  model_stem, resolve_feature_files, results_markdown, update_results)
+
+
+def feature_sets(files, *, concat=True):
+    """Each file alone, then all of them joined (when there are several)."""
+    files = [Path(f) for f in files]
+    sets = [load_feature_set([f]) for f in files]
+    if concat and len(files) > 1:
+        sets.append(load_feature_set(files))
+    return sets
+
+
+def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
+            dask=None, force=False, concat=True, quiet=True, plots=True):
+    """Fit every classifier on every feature set; write the results table and plots.
+
+    Parameters
+    ----------
+    feature_files : list of str or Path, optional
+        Default: the files of the latest extract run.
+    clfs : list of (str or estimator), optional
+        Registry names, ``package.module:ClassName`` strings or estimator instances; default all
+        of ``CLASSIFIERS``.
+    cv, grid, n_jobs, seed, max_seconds, dask
+        As for ``featurepipe.fit.fit`` (``grid`` applies to every classifier).
+    force : bool
+        Refit rows that could be reused.
+    concat : bool
+        Add the concatenation of all files as a feature set.
+    quiet : bool
+        No progress bar.
+
+    Returns
+    -------
+    list of dict
+        The rows of this run and the fine-tuned rows, best test accuracy first.
+    """
+    files = resolve_feature_files(feature_files)
+    clfs = list(clfs) if clfs else list(CLASSIFIERS)
+    for clf in clfs:
+        get_classifier(clf)  # an unknown name fails before any fit
+    sets = feature_sets(files, concat=concat)
+    folder = models_dir(sets[0].dataset)
+    rows = []
+    with _progress(len(sets) * len(clfs), quiet) as bar:
+        for fs in sets:
+            for clf in clfs:
+                bar.set_postfix_str(f"{fs.name} / {clf if isinstance(clf, str) else type(clf).__name__}")
+                result = fit(clf=clf, cv=cv, grid=grid, n_jobs=n_jobs, seed=seed,
+                             max_seconds=max_seconds, dask=dask, reuse=not force, feature_set=fs)
+                rows.append(result.row())
+                bar.update(1)
+    rows += finetune_rows(folder)
+    table = update_results(folder, rows)
+    if plots:
+        plot_results(table, folder / "results.png", title=sets[0].dataset)
+        plot_best_confusion(table, folder)
+    mine = {(r["features"], r["clf"]) for r in rows}
+    return [r for r in table if (r["features"], r["clf"]) in mine]
+
+
+def _progress(total, quiet):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compare", unit="row", disable=quiet or None, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def finetune_rows(folder):
+    """Rows from ``<backbone>__finetune.json`` files saved by ``featurepipe.finetune``."""
+    rows = []
+    for path in sorted(Path(folder).glob("*__finetune.json")):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            warnings.warn(f"unreadable fine-tune result {path}", stacklevel=2)
+            continue
+        row = {c: saved.get(c) for c in RESULT_COLUMNS}
+        row.update(features=saved.get("features") or path.name.split("__")[0], clf=saved.get("clf") or "finetune",
+                   status=saved.get("status") or "ok",
+                   model=saved.get("model") or str(path.with_suffix(".keras")))
+        rows.append(row)
+    return rows
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_results(rows, path, *, title=""):
+    """Horizontal bars of test accuracy per row, with CV mean ± std as error bars; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if not math.isnan(_float(r.get("test_accuracy")))][::-1]
+    if not rows:
+        return None
+    labels = [f"{r['features']} / {r['clf']}" for r in rows]
+    acc = [_float(r["test_accuracy"]) for r in rows]
+    cv_mean = [_float(r.get("cv_mean")) for r in rows]
+    cv_std = [0.0 if math.isnan(_float(r.get("cv_std"))) else _float(r.get("cv_std")) for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(rows)))
+    y = range(len(rows))
+    ax.barh(y, acc, color="#4c72b0", label="test accuracy")
+    ax.errorbar(cv_mean, y, xerr=cv_std, fmt="o", color="#dd8452", ms=3, capsize=3, label="CV mean ± std")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    low = min([a for a in acc + cv_mean if not math.isnan(a)])
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel("accuracy")
+    ax.set_title(f"{title}: classifiers × features".strip(": "))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_best_confusion(rows, folder, *, path=None):
+    """``confusion.png`` of the best row that has a saved confusion matrix; its path or None."""
+    for r in rows:
+        stem = model_stem(r["features"], r["clf"])
+        try:
+            saved = json.loads((Path(folder) / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("confusion") and saved.get("class_names"):
+            return plot_confusion(saved["confusion"], saved["class_names"], path or Path(folder) / "confusion.png",
+                                  title=f"{r['features']} / {r['clf']}\ntest accuracy {_float(r['test_accuracy']):.4f}")
+    return None
+
+
+def plot_confusion(matrix, class_names, path, *, title=""):
+    """A confusion-matrix PNG (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * n, 2 + 0.6 * n))
+    ax.imshow(m, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m featurepipe.compare",
+                                description="Every classifier x every feature file (and their concatenation) "
+                                            "-> models/<dataset>/results.csv, results.md, results.png, confusion.png.")
+    p.add_argument("--clf", nargs="+", metavar="NAME",
+                   help=f"classifiers (default: all of {', '.join(CLASSIFIERS)}); package.module:ClassName too")
+    add_common_arguments(p)
+    p.add_argument("--no-concat", action="store_true", help="skip the concatenation of all feature files")
+    p.add_argument("--force", action="store_true", help="refit rows that could be reused")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    grid = parse_grid(args.grid) if args.grid else None
+    if args.cv < 2:
+        raise UsageError(f"--cv must be >= 2, got {args.cv}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_line
+        rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
+                       max_seconds=args.max_seconds, dask=args.dask, force=args.force,
+                       concat=not args.no_concat, quiet=args.quiet)
+    print(results_markdown(rows), end="")
+    if rows:
+        folder = models_dir(load_dataset_name(args.features))
+        print(f"-> {folder / 'results.md'}, results.csv, results.png, confusion.png")
+    return 0
+
+
+def load_dataset_name(feature_files):
+    from .fit import dataset_name
+
+    return dataset_name(resolve_feature_files(feature_files)[0])
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    sys.exit(run_main(main))

@@ -1,0 +1,586 @@
+"""Fit one classifier on one or more feature files: grid search on train (+ val), score on test.
+
+``fit(feature_files, clf, ...)`` does the work and returns a ``FitResult``;
+``python -m featurepipe.fit`` only parses arguments and prints it. Several feature files are
+joined column-wise, rows aligned by ``paths``, each block L2-normalised first (a single file is
+L2-normalised too, so predict always applies the same transform). The model is saved as
+``models/<dataset>/<features>__<clf>.joblib`` with what predict needs, a JSON sidecar with the
+metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
+                          needs_calibration, parse_grid)
+from .errors import DataError, UsageError
+from .extract import latest_pointer
+from .store import load, write_json_atomic
+
+MODEL_FORMAT = "featurepipe-model/1"
+RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
+                  "fit_seconds", "predict_ms_per_image", "best_params", "status",
+                  "convergence_warnings", "n_train", "n_test", "model", "key")
+
+
+# --------------------------------------------------------------------------- places
+
+
+def models_home():
+    """The models root: ``$FEATUREPIPE_MODELS`` or ``./models``."""
+    return Path(os.environ.get("FEATUREPIPE_MODELS", "models"))
+
+
+def dataset_name(feature_file):
+    """The dataset a feature file belongs to: its folder's name (``data/features/<dataset>/x.h5``)."""
+    return Path(feature_file).resolve().parent.name
+
+
+def models_dir(dataset):
+    """``models/<dataset>/`` (not created)."""
+    return models_home() / dataset
+
+
+def model_stem(features, clf):
+    """``<features>__<clf>`` with characters unsafe in file names replaced."""
+    return f"{features}__{re.sub(r'[^A-Za-z0-9_.+-]', '-', clf)}"
+
+
+def resolve_feature_files(feature_files=None):
+    """The given files, or those of the most recent extract run."""
+    if feature_files:
+        return [Path(f) for f in ([feature_files] if isinstance(feature_files, (str, Path)) else feature_files)]
+    pointer = latest_pointer()
+    try:
+        files = json.loads(pointer.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"no --features given and no extract run recorded ({pointer}); run "
+                         "`make features` or pass --features FILE.h5") from None
+    if not files:
+        raise UsageError(f"{pointer} lists no feature files; pass --features FILE.h5")
+    return [Path(f) for f in files]
+
+
+# --------------------------------------------------------------------------- feature sets
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Rows shared by one or more feature files, their blocks L2-normalised and joined.
+
+    Attributes
+    ----------
+    name : str
+        File stems joined by ``+`` (``squeezenet+mobilenet_v2``).
+    dataset : str
+    X : ndarray of shape (n_samples, sum of block dims), float32
+    y : ndarray of shape (n_samples,), int32
+    paths, split : ndarray of shape (n_samples,), str
+    class_names : list of str
+    blocks : list of dict
+        Per file: ``{"name", "dim", "attrs", "file"}``.
+    n_dropped : int
+        Rows missing from at least one file.
+    """
+
+    name: str
+    dataset: str
+    X: np.ndarray
+    y: np.ndarray
+    paths: np.ndarray
+    split: np.ndarray
+    class_names: list
+    blocks: list
+    n_dropped: int = 0
+
+
+def l2_normalize(X):
+    """Rows scaled to unit L2 norm (zero rows stay zero); float32 (n, d)."""
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, 1e-12)
+
+
+def join_blocks(blocks):
+    """L2-normalise each (n, d_i) block and concatenate them -> (n, sum d_i) float32."""
+    return np.hstack([l2_normalize(b) for b in blocks]).astype(np.float32, copy=False)
+
+
+def load_feature_set(feature_files):
+    """Load and join feature files by path.
+
+    Raises DataError for files with different class names, rows whose split differs between
+    files, or no paths in common.
+    """
+    files = [Path(f) for f in feature_files]
+    if len({f.resolve() for f in files}) != len(files):
+        raise UsageError("a feature file is named twice in --features")
+    loaded = [load(f) for f in files]
+    first = loaded[0]
+    for f in loaded[1:]:
+        if f.class_names != first.class_names:
+            raise DataError(f"'{f.source}' has other classes than '{first.source}' "
+                            f"({f.class_names} vs {first.class_names})")
+    common = set(first.paths)
+    for f in loaded[1:]:
+        common &= set(f.paths)
+    union = set().union(*(set(f.paths) for f in loaded))
+    if not common:
+        raise DataError("the feature files share no image paths (different datasets?): "
+                        + ", ".join(str(f) for f in files))
+    paths = sorted(common)
+    aligned = [f.align(paths) for f in loaded]
+    for f in aligned[1:]:
+        differ = np.flatnonzero(f.split != aligned[0].split)
+        if len(differ):
+            raise DataError(f"{len(differ)} images have another split in '{f.source}' than in "
+                            f"'{first.source}', e.g. {paths[differ[0]]}; extract them with the same seed")
+        if not np.array_equal(f.y, aligned[0].y):
+            raise DataError(f"labels differ between '{f.source}' and '{first.source}'")
+    blocks = [{"name": Path(f.source).stem, "dim": int(f.X.shape[1]), "attrs": dict(f.attrs),
+               "file": str(Path(f.source).resolve())} for f in aligned]
+    return FeatureSet(name="+".join(b["name"] for b in blocks), dataset=dataset_name(files[0]),
+                      X=join_blocks([f.X for f in aligned]), y=aligned[0].y,
+                      paths=np.asarray(paths, dtype=object), split=aligned[0].split,
+                      class_names=list(first.class_names), blocks=blocks,
+                      n_dropped=len(union) - len(common))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One row of the results table, plus the details printed by the CLI."""
+
+    features: str
+    clf: str
+    cv_mean: float = math.nan
+    cv_std: float = math.nan
+    test_accuracy: float = math.nan
+    test_macro_f1: float = math.nan
+    fit_seconds: float = math.nan
+    predict_ms_per_image: float = math.nan
+    best_params: str = ""
+    status: str = "ok"
+    convergence_warnings: int = 0
+    n_train: int = 0
+    n_test: int = 0
+    model: str = ""
+    key: str = ""
+    n_dropped: int = 0
+    class_names: list = field(default_factory=list)
+    confusion: list = field(default_factory=list)
+    report: str = ""
+    reused: bool = False
+
+    def row(self):
+        """The results-table row (``RESULT_COLUMNS``)."""
+        return {c: getattr(self, c) for c in RESULT_COLUMNS}
+
+    def summary(self):
+        if self.status != "ok":
+            return f"{self.features} / {self.clf}: {self.status}"
+        return (f"{self.features} / {self.clf}: CV {self.cv_mean:.4f} ± {self.cv_std:.4f}, test "
+                f"accuracy {self.test_accuracy:.4f}, macro-F1 {self.test_macro_f1:.4f} "
+                f"({self.fit_seconds:.1f} s) best: {self.best_params or '(defaults)'}")
+
+
+def read_results(folder):
+    """Rows of ``folder/results.csv`` as dicts of strings (empty when absent)."""
+    path = Path(folder) / "results.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def update_results(folder, rows):
+    """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
+
+    Returns the table's rows, best test accuracy first.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = {(r["features"], r["clf"]): r for r in read_results(folder)}
+    for r in rows:
+        table[(str(r["features"]), str(r["clf"]))] = {c: _cell(r.get(c, "")) for c in RESULT_COLUMNS}
+    ordered = sorted(table.values(), key=lambda r: -np.nan_to_num(_number(r.get("test_accuracy")), nan=-1))
+    tmp = folder / f".results.csv.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ordered)
+    os.replace(tmp, folder / "results.csv")
+    (folder / "results.md").write_text(results_markdown(ordered))
+    return ordered
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def results_markdown(rows):
+    """A Markdown table of result rows (dicts), in the given order."""
+    lines = ["| features | clf | CV accuracy | test accuracy | test macro-F1 | fit s | predict ms/img | best params | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cv = (f"{_number(r['cv_mean']):.4f} ± {_number(r['cv_std']):.4f}"
+              if not math.isnan(_number(r.get("cv_mean"))) else "–")
+        lines.append("| " + " | ".join([
+            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_macro_f1"), 4),
+            _fmt(r.get("fit_seconds"), 1), _fmt(r.get("predict_ms_per_image"), 3),
+            str(r.get("best_params", "")).replace("|", "\\|"),
+            str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)"
+                                        if r.get("convergence_warnings") not in ("", "0", 0, None) else ""),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits):
+    v = _number(value)
+    return "–" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
+        dask=None, reuse=False, save=True, feature_set=None):
+    """Grid-search a classifier on the train (+ val) rows, score it once on the test rows, save it.
+
+    Parameters
+    ----------
+    feature_files : list of str or Path, optional
+        One or more feature files (joined by path); default: those of the latest extract run.
+    clf : str or estimator
+        A name in ``CLASSIFIERS``, ``package.module:ClassName``, or an estimator instance.
+    cv : int, default 5
+        Stratified folds (lowered to the smallest class size when needed, at least 2).
+    grid : dict of str to list, optional
+        Replaces the classifier's default grid (``{"clf__C": [0.1, 1]}``).
+    n_jobs : int, default -1
+        Parallel fits in the grid search (-1: all cores).
+    seed : int
+    max_seconds : float, optional
+        Wall-clock limit for the whole search and refit; past it the row is marked timed out.
+        The search then runs in a child process that is killed at the limit.
+    dask : str, optional
+        ``ADDRESS`` or ``local[:N]``: run the grid search on a Dask cluster.
+    reuse : bool
+        Return the saved result when one exists for the same inputs, classifier, grid and folds.
+    save : bool
+        Write the model, its JSON sidecar and the results row.
+    feature_set : FeatureSet, optional
+        Already loaded ``feature_files`` (compare loads each set once).
+
+    Returns
+    -------
+    FitResult
+    """
+    files = resolve_feature_files(feature_files) if feature_set is None else [Path(b["file"]) for b in feature_set.blocks]
+    fs = feature_set if feature_set is not None else load_feature_set(files)
+    spec = get_classifier(clf)
+    train, test = _split_rows(fs)
+    folds = _folds(cv, fs.y[train])
+    pipeline = spec.make(n_samples=len(train), n_features=fs.X.shape[1], seed=seed)
+    grid = dict(spec.grid if grid is None else grid)
+    _check_grid(pipeline, grid, spec.name)
+    grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
+    key = row_key(files, spec.name, pipeline, grid, folds, seed)
+    folder = models_dir(fs.dataset)
+    stem = model_stem(fs.name, spec.name)
+    if reuse:
+        old = _reusable(folder, stem, key)
+        if old is not None:
+            return old
+    base = dict(features=fs.name, clf=spec.name, key=key, n_train=len(train), n_test=len(test),
+                n_dropped=fs.n_dropped, class_names=fs.class_names)
+    started = time.perf_counter()
+    try:
+        found = _run_limited(search, dict(X=fs.X[train], y=fs.y[train], pipeline=pipeline, grid=grid,
+                                          cv=folds, n_jobs=n_jobs, seed=seed, dask=dask), max_seconds)
+    except _TimedOut:
+        result = FitResult(status=f"timed out after {max_seconds:g} s", fit_seconds=time.perf_counter() - started, **base)
+        if save:
+            update_results(folder, [result.row()])
+        return result
+    result = _score(found, fs, test, base, time.perf_counter() - started)
+    if save:
+        result = _save(result, found["model"], fs, folder, stem)
+    return result
+
+
+def _split_rows(fs):
+    train = np.flatnonzero(np.isin(fs.split, ("train", "val")))
+    test = np.flatnonzero(fs.split == "test")
+    if len(train) == 0:
+        raise DataError(f"no train rows in {fs.name} (every image is in the test split)")
+    if len(np.unique(fs.y[train])) < 2:
+        raise DataError(f"the train rows of {fs.name} hold one class only "
+                        f"({fs.class_names[int(fs.y[train][0])]}); a classifier needs two or more")
+    return train, test
+
+
+def _folds(cv, y):
+    if cv < 2:
+        raise UsageError(f"--cv must be >= 2, got {cv}")
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    n = min(cv, smallest)
+    if n < 2:
+        raise DataError("a class has a single train image; cross-validation needs two per class")
+    if n < cv:
+        warnings.warn(f"--cv {cv} lowered to {n} (the smallest class has {smallest} train images)",
+                      stacklevel=3)
+    return n
+
+
+def _check_grid(pipeline, grid, name):
+    valid = pipeline.get_params()
+    for key, values in grid.items():
+        if key not in valid:
+            steps = ", ".join(p for p in valid if "__" in p and p.split("__")[0] in ("clf", "pca"))
+            raise UsageError(f"'{key}' is not a parameter of {name}; some that are: {steps[:300]}")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise UsageError(f"grid values for '{key}' must be a non-empty list, got {values!r}")
+
+
+def row_key(files, clf, pipeline, grid, cv, seed):
+    """A digest of everything a results row depends on (inputs by size and mtime)."""
+    parts = []
+    for f in files:
+        st = Path(f).stat()
+        parts.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"files": parts, "clf": clf, "pipeline": repr(pipeline), "grid": repr(sorted(grid.items())),
+                       "cv": cv, "seed": seed, "version": __version__}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
+    """Stratified grid search, then a refit on all rows (calibrated when needed).
+
+    Returns
+    -------
+    dict with ``model`` (fitted), ``best_params``, ``cv_mean``, ``cv_std``, ``convergence_warnings``
+    """
+    from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    gs = GridSearchCV(pipeline, grid, cv=folds, n_jobs=n_jobs, refit=False, error_score="raise")
+    with _joblib_backend(dask), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            gs.fit(X, y)
+        except ValueError as err:
+            raise UsageError(f"the grid search failed: {err}") from None
+    best = gs.best_params_
+    final = clone(pipeline).set_params(**best)
+    if needs_calibration(final):
+        final = calibrated(final, cv=min(3, cv), seed=seed)
+    with warnings.catch_warnings(record=True) as caught:  # in this process: counted, not printed
+        warnings.simplefilter("always", ConvergenceWarning)
+        final.fit(X, y)
+    n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    i = gs.best_index_
+    return {"model": final, "best_params": best, "cv_mean": float(gs.cv_results_["mean_test_score"][i]),
+            "cv_std": float(gs.cv_results_["std_test_score"][i]), "convergence_warnings": n_warn}
+
+
+def _joblib_backend(dask):
+    if not dask:
+        return nullcontext()
+    from .distributed import joblib_backend  # only when --dask is given
+
+    return joblib_backend(dask)
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _child(conn, func, kwargs):
+    try:
+        conn.send(("ok", func(**kwargs)))
+    except BaseException as err:  # send any failure back to the parent
+        conn.send(("error", err))
+    finally:
+        conn.close()
+
+
+def _run_limited(func, kwargs, seconds):
+    """``func(**kwargs)``, in a child process killed after ``seconds`` when a limit is given."""
+    if not seconds:
+        return func(**kwargs)
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, func, kwargs), daemon=False)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(seconds):
+            raise _TimedOut()
+        status, value = recv.recv()
+    except EOFError:
+        raise DataError("the fit's child process died (out of memory?)") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
+    if status == "error":
+        raise value
+    return value
+
+
+def _score(found, fs, test, base, seconds):
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    model = found["model"]
+    params = dict(best_params=format_params(found["best_params"]), cv_mean=found["cv_mean"],
+                  cv_std=found["cv_std"], convergence_warnings=found["convergence_warnings"],
+                  fit_seconds=seconds)
+    if len(test) == 0:
+        return FitResult(**base, **params, status="ok (no test rows)")
+    t0 = time.perf_counter()
+    proba = model.predict_proba(fs.X[test])
+    ms = (time.perf_counter() - t0) * 1000 / len(test)
+    pred = model.classes_[np.argmax(proba, axis=1)]
+    y = fs.y[test]
+    labels = list(range(len(fs.class_names)))
+    return FitResult(**base, **params, test_accuracy=float(accuracy_score(y, pred)),
+                     test_macro_f1=float(f1_score(y, pred, average="macro", labels=np.unique(y))),
+                     predict_ms_per_image=ms,
+                     confusion=confusion_matrix(y, pred, labels=labels).tolist(),
+                     report=classification_report(y, pred, labels=labels, target_names=fs.class_names,
+                                                  digits=4, zero_division=0))
+
+
+def _save(result, model, fs, folder, stem):
+    import joblib
+    from dataclasses import asdict, replace
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.joblib"
+    result = replace(result, model=str(path))
+    bundle = {"format": MODEL_FORMAT, "model": model, "class_names": fs.class_names,
+              "features": fs.name, "clf": result.clf, "block_norm": "l2", "blocks": fs.blocks,
+              "featurepipe_version": __version__,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "metrics": result.row()}
+    tmp = folder / f".{stem}.joblib.tmp-{os.getpid()}"
+    joblib.dump(bundle, tmp)
+    os.replace(tmp, path)
+    write_json_atomic(folder / f"{stem}.json", {k: _json_safe(v) for k, v in asdict(result).items()})
+    update_results(folder, [result.row()])
+    return result
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _reusable(folder, stem, key):
+    """The saved result for ``stem`` when it was made from the same inputs (``key``)."""
+    from dataclasses import fields
+
+    try:
+        saved = json.loads((folder / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("key") != key or saved.get("status") != "ok" or not (folder / f"{stem}.joblib").is_file():
+        return None
+    names = {f.name for f in fields(FitResult)}
+    values = {k: (math.nan if v is None else v) for k, v in saved.items() if k in names}
+    values["reused"] = True
+    return FitResult(**values)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_common_arguments(p):
+    """Options shared by fit and compare."""
+    p.add_argument("--features", nargs="+", metavar="F.h5",
+                   help="feature files (default: those of the latest extract run)")
+    p.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                   help="replace the default grid, e.g. C=0.1,1,10 (repeatable; pca__n_components=64 for other steps)")
+    p.add_argument("--cv", type=int, default=5, help="stratified cross-validation folds (default 5)")
+    p.add_argument("--n-jobs", type=int, default=-1, help="parallel fits (default -1: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, help="time limit per fit; past it the row is marked timed out")
+    p.add_argument("--dask", metavar="ADDRESS|local[:N]", help="run grid searches on a Dask cluster")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m featurepipe.fit",
+                                description="Grid-search one classifier on feature files, score it on the test rows, save it.")
+    p.add_argument("--clf", default="svm", help=f"one of {', '.join(CLASSIFIERS)}, or package.module:ClassName (default svm)")
+    add_common_arguments(p)
+    p.add_argument("--list", action="store_true", help="list the classifiers and exit")
+    return p
+
+
+def print_classifiers(file=sys.stdout):
+    for spec in CLASSIFIERS.values():
+        print(f"{spec.name:8} {spec.description}; grid {format_params({k: v for k, v in spec.grid.items()})}", file=file)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print_classifiers()
+        return 0
+    grid = parse_grid(args.grid) if args.grid else None
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_line
+        result = fit(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
+                     max_seconds=args.max_seconds, dask=args.dask)
+    if result.n_dropped:
+        print(f"{result.n_dropped} images missing from some feature file were left out", file=sys.stderr)
+    print(result.summary())
+    if result.report:
+        print(result.report)
+    if result.model:
+        print(f"saved {result.model}")
+    return 0 if result.status.startswith("ok") else 1
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    sys.exit(run_main(main))

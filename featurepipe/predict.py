@@ -1,0 +1,218 @@
+"""Classify new image files with a saved model.
+
+``predict(model_path, images)`` rebuilds every backbone the model was trained on from the
+extraction settings stored in the model (refusing weights whose sha256 differs), extracts the
+features of the images in streamed batches, applies the same per-block L2 normalisation, and
+returns one ``Prediction`` per image. Unreadable images are reported, not fatal. A ``.keras``
+model (from ``featurepipe.finetune``) is handed to that module.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, ImageError, UsageError
+from .fit import MODEL_FORMAT, join_blocks
+from .images import is_image_file
+
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer.
+
+    ``label`` is a class name, ``unknown`` (probability below ``min_prob``) or empty when the
+    image could not be read (``error`` says why).
+    """
+
+    path: str
+    label: str
+    probability: float
+    error: str = ""
+
+
+def load_model(model_path):
+    """Load a model bundle saved by ``featurepipe.fit`` (only from a path the user gave)."""
+    import joblib
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise UsageError(f"model file not found: '{path}'")
+    try:
+        bundle = joblib.load(path)
+    except Exception as err:
+        raise DataError(f"'{path}' is not a featurepipe model ({type(err).__name__}: {err})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
+        raise DataError(f"'{path}' is not a featurepipe model (saved by python -m featurepipe.fit)")
+    return bundle
+
+
+def expand_images(items):
+    """Image files from files and folders (folders searched recursively, sorted)."""
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(str(Path(dirpath) / f) for f in sorted(filenames) if is_image_file(f))
+        else:
+            out.append(str(p))
+    return out
+
+
+def feature_models(bundle, *, engine="auto"):
+    """One FeatureModel per block of the bundle, rebuilt from its attrs."""
+    from .engines import feature_model_from_attrs
+
+    _check_tf_version(bundle)
+    return [feature_model_from_attrs(b["attrs"], engine=engine) for b in bundle["blocks"]]
+
+
+def _check_tf_version(bundle):
+    import tensorflow as tf
+
+    made = {str(b["attrs"].get("tensorflow_version", "")) for b in bundle["blocks"]} - {""}
+    if made and made != {tf.__version__}:
+        warnings.warn(f"the features were made with TensorFlow {', '.join(sorted(made))}, this is "
+                      f"{tf.__version__}: predictions may differ slightly", stacklevel=3)
+
+
+def predict(model_path, images, *, min_prob=None, batch_size=32, engine="auto", workers=None):
+    """Predict the class of each image.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        A ``.joblib`` saved by ``featurepipe.fit`` (or a ``.keras`` from ``featurepipe.finetune``).
+    images : list of str or Path
+        Image files and folders (searched recursively).
+    min_prob : float, optional
+        Answer ``unknown`` when the top probability is below it.
+
+    Returns
+    -------
+    list of Prediction, in input order
+    """
+    return list(iter_predictions(model_path, images, min_prob=min_prob, batch_size=batch_size,
+                                 engine=engine, workers=workers))
+
+
+def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine="auto", workers=None):
+    """Like ``predict`` but yields Predictions as batches finish."""
+    if min_prob is not None and not 0 <= min_prob <= 1:
+        raise UsageError(f"--min-prob must be in [0, 1], got {min_prob}")
+    paths = expand_images(images)
+    if not paths:
+        raise UsageError("no image files given (files or folders of .jpg/.png/...)")
+    if str(model_path).endswith(".keras"):
+        from .finetune import predict_images  # models saved by the fine-tuning stage
+
+        for path, label, prob in predict_images(model_path, paths, batch_size=batch_size):
+            if label is None:  # prob is the reason the image could not be read
+                yield Prediction(str(path), "", float("nan"), str(prob))
+            else:
+                yield Prediction(str(path), "unknown" if min_prob is not None and prob < min_prob else label, float(prob))
+        return
+    bundle = load_model(model_path)
+    models = feature_models(bundle, engine=engine)
+    classes = list(bundle["class_names"])
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start:start + CHUNK]
+        X, good, errors = _chunk_features(chunk, models, batch_size, workers)
+        proba = bundle["model"].predict_proba(X) if len(good) else np.zeros((0, len(classes)))
+        answers = dict(zip(good, proba))
+        for i, path in enumerate(chunk):
+            if i in errors:
+                yield Prediction(path, "", float("nan"), errors[i])
+                continue
+            p = answers[i]
+            k = int(np.argmax(p))
+            label = classes[int(bundle["model"].classes_[k])]
+            if min_prob is not None and p[k] < min_prob:
+                label = "unknown"
+            yield Prediction(path, label, float(p[k]))
+
+
+def _chunk_features(chunk, models, batch_size, workers):
+    """Features (n_good, D) of the readable images of ``chunk``, their indices, and errors."""
+    from .extract import decoded_stream
+
+    decoded = {}
+    errors = {}
+    for m in models:
+        key = (m.spec.image_size, m.spec.resize)
+        if key not in decoded:
+            decoded[key] = list(decoded_stream(chunk, m.spec.image_size, m.spec.resize, workers=workers))
+            for i, item in enumerate(decoded[key]):
+                if isinstance(item, ImageError):
+                    errors.setdefault(i, str(item))
+    good = [i for i in range(len(chunk)) if i not in errors]
+    if not good:
+        return np.zeros((0, 0), np.float32), good, errors
+    blocks = []
+    for m in models:
+        images = decoded[(m.spec.image_size, m.spec.resize)]
+        feats = [m(np.stack([images[i][0] for i in good[s:s + batch_size]]))
+                 for s in range(0, len(good), batch_size)]
+        blocks.append(np.concatenate(feats))
+    return join_blocks(blocks), good, errors
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m featurepipe.predict",
+                                description="Classify image files with a model saved by featurepipe.fit.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", required=True, help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras)")
+    p.add_argument("--csv", metavar="OUT.csv", help="also write path,label,probability,error to this file")
+    p.add_argument("--min-prob", type=float, help="answer 'unknown' when the top probability is below this")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", default="auto", help="forward-pass engine (auto, tf)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = open(args.csv, "w", newline="") if args.csv else None
+    n = n_bad = 0
+    try:
+        writer = csv.writer(out) if out else None
+        if writer:
+            writer.writerow(["path", "label", "probability", "error"])
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_line
+            for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
+                                         batch_size=args.batch_size, engine=args.engine):
+                n += 1
+                n_bad += bool(pred.error)
+                prob = "" if pred.error else f"{pred.probability:.4f}"
+                print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
+                if writer:
+                    writer.writerow([pred.path, pred.label, prob, pred.error])
+    finally:
+        if out:
+            out.close()
+    print(f"{n} images, {n_bad} unreadable" + (f" -> {args.csv}" if args.csv else ""), file=sys.stderr)
+    return 0
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    sys.exit(run_main(main))

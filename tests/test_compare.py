@@ -1,0 +1,75 @@
+import csv
+import json
+
+
+from featurepipe import fit as fitmod
+from featurepipe.compare import compare, main
+from featurepipe.fit import RESULT_COLUMNS
+
+from featurefiles import two_files
+
+REQUIRED = ["features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1", "fit_seconds",
+            "predict_ms_per_image", "best_params"]
+
+
+def _csv(folder):
+    with open(folder / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_compare_every_set_and_classifier_then_reuse(tmp_path, monkeypatch, capsys):
+    a, b = two_files(tmp_path / "feats")
+    folder = tmp_path / "home" / "models" / "synth"
+    folder.mkdir(parents=True)
+    (folder / "beta__finetune.json").write_text(json.dumps({
+        "features": "beta", "clf": "finetune", "test_accuracy": 0.5, "test_macro_f1": 0.4, "fit_seconds": 9.0,
+        "predict_ms_per_image": 3.0, "cv_mean": None, "cv_std": None, "best_params": "epochs=3"}))
+    rows = compare([a, b], ["logreg", "knn"], cv=3, n_jobs=1)
+    assert sorted((r["features"], r["clf"]) for r in rows) == [
+        ("alpha", "knn"), ("alpha", "logreg"), ("alpha+beta", "knn"), ("alpha+beta", "logreg"),
+        ("beta", "finetune"), ("beta", "knn"), ("beta", "logreg")]
+    table = _csv(folder)
+    assert list(table[0])[:len(REQUIRED)] == REQUIRED and tuple(table[0]) == RESULT_COLUMNS
+    accuracies = [float(r["test_accuracy"]) for r in table]
+    assert accuracies == sorted(accuracies, reverse=True) and accuracies[-1] == 0.5
+    assert all(r["best_params"] for r in table)
+    md = (folder / "results.md").read_text()
+    assert md.index("| alpha+beta | logreg |") < md.index("| beta | finetune |")
+    for png in ("results.png", "confusion.png"):
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
+
+    calls = []
+    real_search = fitmod.search
+    monkeypatch.setattr(fitmod, "search", lambda **kw: calls.append(kw) or real_search(**kw))
+    again = compare([a, b], ["logreg", "knn"], cv=3, n_jobs=1)
+    assert calls == [] and [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
+    compare([a, b], ["knn"], cv=3, n_jobs=1, grid={"clf__n_neighbors": [3]})  # other grid: refit
+    assert len(calls) == 3
+    compare([a], ["logreg"], cv=3, n_jobs=1, force=True)
+    assert len(calls) == 4
+    assert len(_csv(folder)) == 7
+
+
+def test_compare_cli_prints_the_table(tmp_path, capsys):
+    a, b = two_files(tmp_path / "feats")
+    assert main(["--features", str(a), str(b), "--clf", "nb", "--cv", "3", "--n-jobs", "1", "--no-concat",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| alpha | nb |" in out and "| beta | nb |" in out and "alpha+beta" not in out
+
+
+def test_compare_accepts_estimator_instances(tmp_path):
+    from sklearn.linear_model import RidgeClassifier
+
+    a, _ = two_files(tmp_path / "feats")
+    rows = compare([a], [RidgeClassifier()], cv=3, n_jobs=1)
+    assert [(r["features"], r["clf"]) for r in rows] == [("alpha", "RidgeClassifier")]
+    assert float(rows[0]["test_accuracy"]) >= 0.9
+
+
+def test_compare_unknown_classifier_exits_2(tmp_path, capsys):
+    from featurepipe.cli import run_main
+
+    a, _ = two_files(tmp_path / "feats")
+    assert run_main(main, ["--features", str(a), "--clf", "svm", "boost"]) == 2
+    assert "unknown classifier 'boost'" in capsys.readouterr().err
