@@ -9,6 +9,7 @@ the table as rows of their own.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -31,7 +32,7 @@ def feature_sets(files, *, concat=True):
 
 
 def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
-            dask=None, force=False, concat=True, quiet=True, plots=True):
+            dask=None, force=False, concat=True, quiet=True, plots=True, finetune=()):
     """Fit every classifier on every feature set; write the results table and plots.
 
     Parameters
@@ -49,6 +50,9 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
         Add the concatenation of all files as a feature set.
     quiet : bool
         No progress bar.
+    finetune : list of str
+        Backbones to fine-tune (``featurepipe.finetune.finetune`` on their feature file) when no
+        fine-tuned model exists for them yet; their rows join the table.
 
     Returns
     -------
@@ -62,7 +66,7 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     sets = feature_sets(files, concat=concat)
     folder = models_dir(sets[0].dataset)
     rows = []
-    with _progress(len(sets) * len(clfs), quiet) as bar:
+    with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
         for fs in sets:
             for clf in clfs:
                 bar.set_postfix_str(f"{fs.name} / {clf if isinstance(clf, str) else type(clf).__name__}")
@@ -70,6 +74,7 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
                              max_seconds=max_seconds, dask=dask, reuse=not force, feature_set=fs)
                 rows.append(result.row())
                 bar.update(1)
+    _finetune_missing(finetune, files, folder, seed=seed, quiet=quiet)
     rows += finetune_rows(folder)
     table = update_results(folder, rows)
     if plots:
@@ -84,6 +89,32 @@ def _progress(total, quiet):
 
     return tqdm(total=total, desc="compare", unit="row", disable=quiet or None, file=sys.stderr,
                 dynamic_ncols=True)
+
+
+def _dask_session(dask):
+    """One cluster for all rows (``fit`` reuses the open session for the same address)."""
+    if not dask:
+        return contextlib.nullcontext()
+    from .distributed import session
+
+    return session(dask)
+
+
+def _finetune_missing(backbones, files, folder, *, seed, quiet):
+    """Fine-tune each backbone in ``backbones`` that has no saved fine-tuned model yet."""
+    if not backbones:
+        return
+    from .finetune import finetune, output_paths
+    from .store import read_attrs
+
+    by_backbone = {str(read_attrs(f).get("backbone")): f for f in files}
+    for backbone in backbones:
+        if backbone not in by_backbone:
+            raise UsageError(f"--finetune {backbone}: no feature file of that backbone among "
+                             f"{', '.join(sorted(by_backbone))}")
+        if not output_paths(by_backbone[backbone], folder.parent)[1].exists():
+            finetune(backbone=backbone, features=by_backbone[backbone], models_dir=folder.parent,
+                     seed=seed, quiet=quiet)
 
 
 def finetune_rows(folder):
@@ -193,6 +224,9 @@ def build_parser():
     add_common_arguments(p)
     p.add_argument("--no-concat", action="store_true", help="skip the concatenation of all feature files")
     p.add_argument("--force", action="store_true", help="refit rows that could be reused")
+    p.add_argument("--finetune", action="append", default=[], metavar="BACKBONE",
+                   help="also fine-tune BACKBONE (two-stage, see featurepipe.finetune) when no "
+                        "fine-tuned model exists yet, and show its row (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -206,7 +240,7 @@ def main(argv=None):
         warnings.showwarning = _warn_line
         rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
                        max_seconds=args.max_seconds, dask=args.dask, force=args.force,
-                       concat=not args.no_concat, quiet=args.quiet)
+                       concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
     print(results_markdown(rows), end="")
     if rows:
         folder = models_dir(load_dataset_name(args.features))

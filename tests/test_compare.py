@@ -73,3 +73,24 @@ def test_compare_unknown_classifier_exits_2(tmp_path, capsys):
     a, _ = two_files(tmp_path / "feats")
     assert run_main(main, ["--features", str(a), "--clf", "svm", "boost"]) == 2
     assert "unknown classifier 'boost'" in capsys.readouterr().err
+
+
+def test_compare_finetune_trains_missing_model_once_and_shows_its_row(tmp_path, monkeypatch):
+    import featurepipe.finetune as ft
+
+    a, b = two_files(tmp_path / "feats")
+    calls = []
+
+    def fake_finetune(*, backbone, features, models_dir, seed, quiet):
+        calls.append((backbone, str(features)))
+        _, json_path, _ = ft.output_paths(features, models_dir)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"features": "alpha", "clf": "finetune", "test_accuracy": 0.5,
+                                         "test_macro_f1": 0.5, "fit_seconds": 1.0}))
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+    rows = compare([a, b], ["nb"], cv=3, n_jobs=1, finetune=["synthetic"], concat=False)
+    assert calls == [("synthetic", str(a))] or calls == [("synthetic", str(b))]
+    assert ("alpha", "finetune") in {(r["features"], r["clf"]) for r in rows}
+    compare([a, b], ["nb"], cv=3, n_jobs=1, finetune=["synthetic"], concat=False)
+    assert len(calls) == 1  # the saved model is reused, not trained again

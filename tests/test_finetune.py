@@ -43,7 +43,9 @@ def bn_features(bn_model_path, tmp_path_factory):
     """Features of 3 classes x 10 generated images (train/test split only)."""
     root = make_dataset(tmp_path_factory.mktemp("data") / "colors", n_per_class=10)
     out = tmp_path_factory.mktemp("features") / "colors"
-    [result] = extract(root, [f"file:{bn_model_path}"], out=out, preprocess="scale", quiet=True)
+    with pytest.MonkeyPatch.context() as mp:  # module scope: keep latest.json out of the checkout
+        mp.setenv("FEATUREPIPE_DATA", str(tmp_path_factory.mktemp("home")))
+        [result] = extract(root, [f"file:{bn_model_path}"], out=out, preprocess="scale", quiet=True)
     return result.path
 
 
