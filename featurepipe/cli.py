@@ -8,6 +8,11 @@ from .errors import FeaturepipeError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def warn_line(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` for the CLIs: one ``warning: ...`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run_main(func, argv=None):
     """Call ``func(argv)``; turn a FeaturepipeError into one stderr line and exit code 2."""
     try:

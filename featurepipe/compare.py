@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli import warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .errors import UsageError
 from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
@@ -237,7 +238,7 @@ def main(argv=None):
     if args.cv < 2:
         raise UsageError(f"--cv must be >= 2, got {args.cv}")
     with warnings.catch_warnings():
-        warnings.showwarning = _warn_line
+        warnings.showwarning = warn_line
         rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
                        max_seconds=args.max_seconds, dask=args.dask, force=args.force,
                        concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
@@ -253,9 +254,6 @@ def load_dataset_name(feature_files):
 
     return dataset_name(resolve_feature_files(feature_files)[0])
 
-
-def _warn_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
@@ -669,13 +670,10 @@ def main(argv=None):
                    workers=args.workers, dask=args.dask,
                    verify=0 if args.no_verify else EXTRACT_SAMPLE)
     with warnings.catch_warnings():
-        warnings.showwarning = _warn_line
+        warnings.showwarning = warn_line
         extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
     return 0
 
-
-def _warn_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import warn_line
 from . import __version__
 from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
@@ -904,7 +905,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _warn_line
+        warnings.showwarning = warn_line
         finetune(args.data, args.backbone, features=args.features, unfreeze=args.unfreeze,
                  epochs=args.epochs, head_epochs=args.head_epochs, lr=args.lr, head_lr=args.head_lr,
                  batch_size=args.batch_size, dropout=args.dropout, patience=args.patience,
@@ -913,9 +914,6 @@ def main(argv=None):
                  preprocess=args.preprocess, restart=args.restart, quiet=args.quiet)
     return 0
 
-
-def _warn_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import warn_line
 from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
@@ -563,7 +564,7 @@ def main(argv=None):
         return 0
     grid = parse_grid(args.grid) if args.grid else None
     with warnings.catch_warnings():
-        warnings.showwarning = _warn_line
+        warnings.showwarning = warn_line
         result = fit(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
                      max_seconds=args.max_seconds, dask=args.dask)
     if result.n_dropped:
@@ -575,9 +576,6 @@ def main(argv=None):
         print(f"saved {result.model}")
     return 0 if result.status.startswith("ok") else 1
 
-
-def _warn_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import warn_line
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
 from .images import is_image_file
@@ -192,7 +193,7 @@ def main(argv=None):
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
         with warnings.catch_warnings():
-            warnings.showwarning = _warn_line
+            warnings.showwarning = warn_line
             for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
                                          batch_size=args.batch_size, engine=args.engine):
                 n += 1
@@ -207,9 +208,6 @@ def main(argv=None):
     print(f"{n} images, {n_bad} unreadable" + (f" -> {args.csv}" if args.csv else ""), file=sys.stderr)
     return 0
 
-
-def _warn_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
