@@ -1,11 +1,19 @@
 """Helpers shared by the ``python -m featurepipe.<stage>`` entry points."""
 
+import argparse
 import os
 import sys
 
 from .errors import FeaturepipeError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one ``error: ...`` line on stderr (exit code 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def warn_line(message, category, filename, lineno, file=None, line=None):

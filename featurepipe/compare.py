@@ -8,7 +8,6 @@ row). Fine-tuned models saved by ``featurepipe.finetune`` (``<backbone>__finetun
 the table as rows of their own.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -16,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli import warn_line
+from .cli import OneLineParser, warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .errors import UsageError
 from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
@@ -217,7 +216,7 @@ def plot_confusion(matrix, class_names, path, *, title=""):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m featurepipe.compare",
+    p = OneLineParser(prog="python -m featurepipe.compare",
                                 description="Every classifier x every feature file (and their concatenation) "
                                             "-> models/<dataset>/results.csv, results.md, results.png, confusion.png.")
     p.add_argument("--clf", nargs="+", metavar="NAME",

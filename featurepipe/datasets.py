@@ -1,10 +1,10 @@
 """Download a public dataset for users who are online: ``python -m featurepipe.datasets flower_photos``."""
 
-import argparse
 import sys
 import tarfile
 from pathlib import Path
 
+from .cli import OneLineParser
 from .errors import UsageError
 
 DATASETS = {
@@ -33,7 +33,7 @@ def download(name, out="data"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m featurepipe.datasets", description=__doc__)
+    p = OneLineParser(prog="python -m featurepipe.datasets", description=__doc__)
     p.add_argument("name", choices=sorted(DATASETS))
     p.add_argument("--out", default="data")
     args = p.parse_args(argv)

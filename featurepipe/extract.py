@@ -7,7 +7,6 @@ started again redoes only the unfinished chunks. A re-run on a grown folder extr
 or edited images.
 """
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import warn_line
+from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
@@ -157,6 +156,8 @@ def _validate(opts, backbones):
     if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
         raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
                          f"(got {opts.test_size} and {opts.val_size})")
+    if opts.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be >= 1, got {opts.max_pixels}")
     if opts.pooling not in POOLING_MODES:
         raise UsageError(f"unknown --pooling '{opts.pooling}'; use avg or max")
     if opts.resize not in RESIZE_MODES:
@@ -273,6 +274,8 @@ def _plan(index, old, out_dir, path, opts):
             old_skips[p] = (reason, int(size), int(mtime))
     for pos, rel in enumerate(index.paths):
         stat = stats[pos]
+        if stat is None:  # listed (e.g. in a CSV) but missing: recorded as skipped
+            continue
         row = old_rows.get(rel)
         if stat is not None and row is not None:
             if (int(old.file_size[row]), int(old.mtime_ns[row])) == stat:
@@ -541,7 +544,8 @@ def _write_part(writer, index, plan, part, row_of):
 def _skipped_rows(index, plan, new_skipped):
     rows = [(index.paths[pos], reason, size, mtime) for pos, (reason, size, mtime) in plan.keep_skipped.items()]
     rows += [(index.paths[pos], reason, *plan.stats[pos]) for pos, reason in new_skipped.items()]
-    rows += [(rel, "cannot stat file", -1, -1) for rel, st in zip(index.paths, plan.stats) if st is None]
+    rows += [(rel, "file not found or not readable", -1, -1)
+             for rel, st in zip(index.paths, plan.stats) if st is None]
     return sorted(rows)
 
 
@@ -604,7 +608,7 @@ def _attrs(index, spec, model, opts, dim, old, now):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m featurepipe.extract",
         description="Extract frozen-CNN features of labelled image folders into one HDF5 file per backbone.")
     p.add_argument("--data", help="folder of class folders (optionally under train/val/test) or a CSV manifest path,label[,split]")

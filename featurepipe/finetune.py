@@ -18,7 +18,6 @@ shape (n, S, S, 3), class probabilities out; loads with ``keras.models.load_mode
 objects) and ``<name>__finetune.json`` (a row of the comparison table plus metadata).
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import warn_line
+from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
@@ -874,7 +873,7 @@ def _decode_or_reason(path, size, resize):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m featurepipe.finetune",
         description="Fine-tune a backbone on the split of its feature file (new head on cached "
                     "features, then the top layers) and save models/<dataset>/<backbone>__finetune.keras/.json.")

@@ -8,7 +8,6 @@ L2-normalised too, so predict always applies the same transform). The model is s
 metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 """
 
-import argparse
 import csv
 import hashlib
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import warn_line
+from .cli import OneLineParser, warn_line
 from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
@@ -306,6 +305,8 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     -------
     FitResult
     """
+    if max_seconds is not None and not max_seconds > 0:
+        raise UsageError(f"--max-seconds must be > 0, got {max_seconds}")
     files = resolve_feature_files(feature_files) if feature_set is None else [Path(b["file"]) for b in feature_set.blocks]
     fs = feature_set if feature_set is not None else load_feature_set(files)
     spec = get_classifier(clf)
@@ -544,7 +545,7 @@ def add_common_arguments(p):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m featurepipe.fit",
+    p = OneLineParser(prog="python -m featurepipe.fit",
                                 description="Grid-search one classifier on feature files, score it on the test rows, save it.")
     p.add_argument("--clf", default="svm", help=f"one of {', '.join(CLASSIFIERS)}, or package.module:ClassName (default svm)")
     add_common_arguments(p)

@@ -7,7 +7,6 @@ returns one ``Prediction`` per image. Unreadable images are reported, not fatal.
 model (from ``featurepipe.finetune``) is handed to that module.
 """
 
-import argparse
 import csv
 import os
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import warn_line
+from .cli import OneLineParser, warn_line
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
 from .images import is_image_file
@@ -171,7 +170,7 @@ def _chunk_features(chunk, models, batch_size, workers):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m featurepipe.predict",
+    p = OneLineParser(prog="python -m featurepipe.predict",
                                 description="Classify image files with a model saved by featurepipe.fit.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", required=True, help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras)")

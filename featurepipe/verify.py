@@ -6,13 +6,13 @@ whose image is gone or changed, or whose stored features differ from a fresh ext
 (misaligned rows, an edited file, engine drift), is named, and the command exits with code 1.
 """
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .cli import OneLineParser
 from .engines import feature_model_from_attrs
 from .errors import DataError, ImageError, UsageError
 from .images import load_image
@@ -157,7 +157,7 @@ def _read_row(root, rel_path, sha1, size, resize):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m featurepipe.verify",
         description="Re-extract random rows of a feature file (TF engine, the file's settings) and "
                     "compare with the stored features; exit 1 naming the rows that differ.")

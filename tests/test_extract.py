@@ -310,3 +310,38 @@ def test_fifo_named_like_an_image_is_ignored(tiny_data):
 
     os.mkfifo(tiny_data / "red" / "pipe.jpg")
     assert "red/pipe.jpg" not in list_images(tiny_data).paths
+
+
+def test_csv_row_for_a_missing_file_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_path):
+    rows = [f"colors/{c}/img_{i:03d}.png,{c}" for c in ("red", "green") for i in range(4)]
+    (tmp_path / "m.csv").write_text("\n".join(rows + ["colors/red/missing.png,red"]) + "\n")
+    result = _run(tmp_path / "m.csv", tiny_model_path, tmp_path / "out")
+    f = load(result.path)
+    assert result.n_rows == 8 and dict(f.skipped)["colors/red/missing.png"].startswith("file not found")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("extract", ["--pooling", "min"]),
+    ("fit", ["--cv", "abc"]),
+    ("compare", ["--bogus"]),
+    ("predict", []),
+    ("verify", []),
+])
+def test_bad_options_are_one_line_exit_2(module, argv, capsys):
+    import importlib
+
+    cli = importlib.import_module(f"featurepipe.{module}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_nonpositive_limits_are_usage_errors(tiny_data, tmp_path):
+    from featurepipe.fit import fit
+
+    with pytest.raises(UsageError, match="--max-pixels"):
+        extract(tiny_data, ["squeezenet"], out=tmp_path / "o", max_pixels=-1)
+    with pytest.raises(UsageError, match="--max-seconds"):
+        fit([tmp_path / "none.h5"], "svm", max_seconds=-1)
