@@ -71,9 +71,10 @@ def _walk_images(folder):
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # Regular files only: a FIFO or device named .jpg would block the reader forever.
-        found.extend(Path(dirpath) / f for f in filenames
-                     if is_image_file(f) and os.path.isfile(os.path.join(dirpath, f)))
+        # Regular files (and symlinks, a broken one is then recorded as skipped): a FIFO or
+        # device named .jpg would block the reader forever.
+        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f) and (
+            os.path.isfile(os.path.join(dirpath, f)) or os.path.islink(os.path.join(dirpath, f))))
     return sorted(found)
 
 

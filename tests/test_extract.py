@@ -345,3 +345,9 @@ def test_nonpositive_limits_are_usage_errors(tiny_data, tmp_path):
         extract(tiny_data, ["squeezenet"], out=tmp_path / "o", max_pixels=-1)
     with pytest.raises(UsageError, match="--max-seconds"):
         fit([tmp_path / "none.h5"], "svm", max_seconds=-1)
+
+
+def test_broken_symlink_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_path):
+    os.symlink(tmp_path / "nowhere.jpg", tiny_data / "red" / "dangling.jpg")
+    f = load(_run(tiny_data, tiny_model_path, tmp_path / "out").path)
+    assert "red/dangling.jpg" in dict(f.skipped) and len(f.paths) == 18
