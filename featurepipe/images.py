@@ -26,6 +26,7 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 RESIZE_MODES = ("stretch", "crop", "pad")
 DEFAULT_MAX_PIXELS = 100_000_000
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,8 @@ def decode_bytes(data, *, max_pixels=DEFAULT_MAX_PIXELS):
             if w * h > max_pixels:
                 raise ImageError(f"too many pixels ({w}x{h} > {max_pixels}; possible decompression bomb)")
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+                img = ImageOps.exif_transpose(img)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             rgb = _to_rgb_array(img)

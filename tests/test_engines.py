@@ -45,6 +45,18 @@ def test_every_engine_agrees_with_tf_on_tiny_model(tiny_model_path):
         assert relative_error(model(images[:2]), reference[:2]) < 1e-4
 
 
+def test_litert_split_over_interpreters_keeps_row_order(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREPIPE_CACHE", str(tmp_path / "cache"))
+    model = tiny_feature_model(tiny_model_path, "tf")
+    images = random_images(7, 32, seed=3)
+    source = engines.ModelSource(lambda: engines.pixel_model(model.backbone, model.spec, model.resolved))
+    serial = engines.LiteRTEngine(source, model.spec, parallel=1).run(images)
+    split = engines.LiteRTEngine(source, model.spec, parallel=3).run(images)
+    assert len({row.tobytes() for row in serial}) == 7  # distinct rows, so a shuffle would show
+    np.testing.assert_array_equal(split, serial)
+    assert relative_error(split, model(images)) < 1e-4
+
+
 @needs_shared
 def test_litert_agrees_with_tf_on_squeezenet():
     from featurepipe.images import load_image
