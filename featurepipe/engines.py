@@ -305,6 +305,12 @@ class LiteRTEngine:
             features.append(it.get_tensor(out).reshape(-1))
         return np.stack(features).astype(np.float32, copy=False)
 
+    def run_one(self, image):
+        """image : ndarray (...) -> features ndarray (D,) float32, on the calling thread's own
+        interpreter (no lock: threads never share one). Extract calls it from its decode threads,
+        so each image is decoded and run by the same thread while its data is still in cache."""
+        return self._run_images(np.ascontiguousarray(image[None], dtype=self.dtype))[0]
+
     def run(self, batch):
         """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
         batch = np.ascontiguousarray(batch, dtype=self.dtype)
@@ -497,13 +503,32 @@ class FeatureModel:
 
         Other dtypes are rounded and clipped to 0..255.
         """
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        images = _as_pixels(images)
         features = self.engine.run(images)
         if self.spec.augment == "flip":
             features = (features + self.engine.run(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
         return features.astype(np.float32, copy=False)
+
+    @property
+    def per_image(self):
+        """True when the engine runs single images from many threads at once (``one``)."""
+        return hasattr(self.engine, "run_one")
+
+    def one(self, image):
+        """image : ndarray (S, S, 3) uint8 RGB -> features ndarray (D,) float32 (needs ``per_image``);
+        safe to call from several threads at once."""
+        image = _as_pixels(image)
+        features = self.engine.run_one(image)
+        if self.spec.augment == "flip":
+            features = (features + self.engine.run_one(np.ascontiguousarray(image[:, ::-1]))) / 2.0
+        return features.astype(np.float32, copy=False)
+
+
+def _as_pixels(images):
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    return images
 
 
 def feature_model_from_attrs(attrs, *, engine="tf", weights=None):

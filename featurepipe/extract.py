@@ -329,22 +329,29 @@ def _chunks(pending, index, stats, chunk_size):
         yield f"part-{k:06d}-{digest}.npz", members
 
 
-def _safe_load(abs_path, size, resize, max_pixels):
+def _safe_load(abs_path, size, resize, max_pixels, then=None):
+    """(rgb or then(rgb), sha1), or the ImageError saying why the file cannot be decoded.
+
+    Only decoding is guarded: an error in ``then`` (the network) is a real failure and propagates.
+    """
     try:
-        return load_image(abs_path, size, resize, max_pixels=max_pixels)
+        rgb, sha1 = load_image(abs_path, size, resize, max_pixels=max_pixels)
     except ImageError as err:
         return err
     except Exception as err:  # never let one file end the run
         return ImageError(f"cannot decode: {type(err).__name__}: {err}")
+    return (rgb if then is None else then(rgb)), sha1
 
 
 def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
-                   timeout=DECODE_TIMEOUT):
+                   timeout=DECODE_TIMEOUT, then=None):
     """Yield ``(rgb, sha1)`` or an ImageError per path, in order, decoding ahead in threads.
 
     Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
-    An image that takes longer than ``timeout`` seconds is reported as unreadable, so no single
-    file can hang the run.
+    With ``then``, each worker thread yields ``(then(rgb), sha1)`` instead: extract passes
+    ``FeatureModel.one`` for engines that run single images in many threads, so one thread decodes
+    an image while another runs the network. An image that takes longer than ``timeout`` seconds
+    is reported as unreadable, so no single file can hang the run.
     """
     workers = workers or max(2, min(8, os.cpu_count() or 2))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode")
@@ -352,7 +359,7 @@ def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_p
     paths = iter(abs_paths)
     try:
         for p in paths:
-            futures.append(pool.submit(_safe_load, p, size, resize, max_pixels))
+            futures.append(pool.submit(_safe_load, p, size, resize, max_pixels, then))
             if len(futures) >= prefetch:
                 break
         while futures:
@@ -362,7 +369,7 @@ def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_p
                 result = ImageError(f"decoding took longer than {timeout:.0f} s")
             nxt = next(paths, None)
             if nxt is not None:
-                futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels))
+                futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels, then))
             yield result
     finally:
         # Do not wait for a decoder stuck on a pathological file.
@@ -391,11 +398,14 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     if opts.dask is not None:
         return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
     work = [p for _, members in todo for p in members]
+    # Per-image engines run the network in the decode threads; batch engines in this thread.
+    featurize = _stacked_features if model.per_image else model
     stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
-                            spec.resize, workers=opts.workers, max_pixels=opts.max_pixels)
+                            spec.resize, workers=opts.workers or (model.engine.parallel if model.per_image else None),
+                            max_pixels=opts.max_pixels, then=model.one if model.per_image else None)
     try:
         for name, members in todo:
-            save_part(parts_dir / name, **_extract_chunk(members, stream, model, opts.batch_size, bar))
+            save_part(parts_dir / name, **_extract_chunk(members, stream, featurize, opts.batch_size, bar))
     finally:
         stream.close()
         bar.close()
@@ -439,8 +449,16 @@ def _prepare_parts_dir(parts_dir, spec):
         write_json_atomic(marker, spec.identity())
 
 
-def _extract_chunk(members, stream, model, batch_size, bar):
-    """Features of one chunk; batches never cross chunk boundaries, so a resumed run repeats them."""
+def _stacked_features(rows):
+    return rows
+
+
+def _extract_chunk(members, stream, featurize, batch_size, bar):
+    """Features of one chunk; batches never cross chunk boundaries, so a resumed run repeats them.
+
+    ``featurize`` maps the stacked stream items of a batch to features: the FeatureModel for
+    decoded images, ``_stacked_features`` when the stream already yields feature rows.
+    """
     ok_pos, feats, sha1s, bad_pos, reasons = [], [], [], [], []
     for start in range(0, len(members), batch_size):
         batch_pos = members[start:start + batch_size]
@@ -455,7 +473,7 @@ def _extract_chunk(members, stream, model, batch_size, bar):
                 good.append(pos)
                 sha1s.append(item[1])
         if images:
-            feats.append(model(np.stack(images)))
+            feats.append(featurize(np.stack(images)))
             ok_pos += good
         bar.update(len(batch_pos))
     dim = feats[0].shape[1] if feats else 0

@@ -149,3 +149,16 @@ def test_unknown_engine_is_a_usage_error(tiny_model_path):
         tiny_feature_model(tiny_model_path, "onnx")
     with pytest.raises(UsageError, match="auto, tf, litert"):
         make_engine("onnx", lambda: None, None)
+
+
+def test_network_errors_in_decode_threads_stop_the_run(tiny_model_path, tiny_data, tmp_path, monkeypatch):
+    """The litert engine runs in extract's decode threads; its failure must not pass for bad images."""
+    monkeypatch.setenv("FEATUREPIPE_CACHE", str(tmp_path / "cache"))
+
+    def broken(self, image):
+        raise RuntimeError("interpreter failed")
+
+    monkeypatch.setattr(engines.LiteRTEngine, "run_one", broken)
+    with pytest.raises(RuntimeError, match="interpreter failed"):
+        extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "f", preprocess="scale",
+                quiet=True, engine="litert")
