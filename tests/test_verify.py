@@ -50,8 +50,8 @@ def test_verify_names_an_edited_image(tiny_file, tiny_data):
 
 def test_extract_verifies_at_the_end_and_catches_engine_drift(tiny_data, tiny_model_path, tmp_path,
                                                                 monkeypatch):
-    real_run = engines.LiteRTEngine.run
-    monkeypatch.setattr(engines.LiteRTEngine, "run", lambda self, batch: real_run(self, batch) * 1.01)
+    real_images = engines.LiteRTEngine._run_images  # under both run (batches) and run_one (extract)
+    monkeypatch.setattr(engines.LiteRTEngine, "_run_images", lambda self, images: real_images(self, images) * 1.01)
     args = dict(preprocess="scale", quiet=True, engine="litert")
     with pytest.raises(DataError, match="MISMATCHED.*row "):
         extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "a", **args)
