@@ -116,6 +116,10 @@ def verify(path, *, sample=32, seed=0, data=None, weights=None, tolerance=DEFAUL
         raise DataError(f"'{path}' was made with random weights (no weights_sha256): its features "
                         "cannot be reproduced, so there is nothing to verify")
     root = Path(data) if data is not None else Path(str(attrs.get("data_root", "")))
+    if not root.is_dir():
+        if data is not None:
+            raise UsageError(f"--data '{data}' is not a folder; pass the image folder '{path.name}' was extracted from")
+        raise DataError(f"the image folder recorded in '{path}' ({root}) is gone; pass its new place with --data")
     rows = sample_rows(len(f), sample, seed)
     model = feature_model_from_attrs(attrs, engine="tf", weights=weights)
     size, resize = int(attrs["image_size"]), str(attrs.get("resize", "stretch"))

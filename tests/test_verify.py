@@ -69,3 +69,9 @@ def test_verify_refuses_random_weights(tmp_path):
         f.attrs.update(backbone="squeezenet", preprocess="caffe", image_size=32, weights_sha256="")
     with pytest.raises(DataError, match="random weights"):
         verify(tmp_path / "x.h5")
+
+
+def test_verify_with_a_missing_image_folder_is_a_one_line_error(tiny_file, tmp_path, capsys):
+    assert run_main(main, [str(tiny_file), "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0]
