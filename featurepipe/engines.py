@@ -151,7 +151,8 @@ def litert_available():
     return True
 
 
-def _tensorflow_version():
+def tensorflow_version():
+    """The installed TensorFlow's version, read from its package metadata (no 4 s import)."""
     from importlib import metadata
 
     for dist in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
@@ -174,7 +175,7 @@ def model_key(spec):
     return {"backbone": spec.backbone, "layer": spec.layer, "pooling": spec.pooling,
             "image_size": int(spec.image_size), "preprocess": spec.preprocess,
             "weights_sha256": spec.weights_sha256,
-            "tensorflow": _tensorflow_version(), "format": CACHE_FORMAT}
+            "tensorflow": tensorflow_version(), "format": CACHE_FORMAT}
 
 
 def _digest(obj):

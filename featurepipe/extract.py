@@ -28,7 +28,7 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
-from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel
+from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
@@ -586,11 +586,16 @@ def _duplicates(writer):
 
 
 def _versions():
-    import_tensorflow()
-    import tensorflow as tf
-    import keras
+    """(TensorFlow, Keras) versions from package metadata: a LiteRT run need not import either."""
+    from importlib import metadata
 
-    return tf.__version__, keras.__version__
+    try:
+        keras_version = metadata.version("keras")
+    except metadata.PackageNotFoundError:
+        import keras
+
+        keras_version = keras.__version__
+    return tensorflow_version(), keras_version
 
 
 def _engine_attr(model, old):

@@ -77,12 +77,13 @@ def feature_models(bundle, *, engine="auto"):
 
 
 def _check_tf_version(bundle):
-    import tensorflow as tf
+    from .engines import tensorflow_version
 
     made = {str(b["attrs"].get("tensorflow_version", "")) for b in bundle["blocks"]} - {""}
-    if made and made != {tf.__version__}:
+    here = tensorflow_version()
+    if made and made != {here}:
         warnings.warn(f"the features were made with TensorFlow {', '.join(sorted(made))}, this is "
-                      f"{tf.__version__}: predictions may differ slightly", stacklevel=3)
+                      f"{here}: predictions may differ slightly", stacklevel=3)
 
 
 def predict(model_path, images, *, min_prob=None, batch_size=32, engine="auto", workers=None):
