@@ -225,9 +225,16 @@ def cached_tflite(model, spec):
     return path, None
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _drop_native_info():
-    """Hide the native 'INFO: Created TensorFlow Lite XNNPACK delegate' line; keep other output."""
+    """Hide the native 'INFO: Created TensorFlow Lite XNNPACK delegate' line; keep other output.
+
+    File descriptor 2 is process-wide: threads creating interpreters at once take turns, or one
+    would save the other's capture file as "the" stderr and every later message would be lost.
+    """
     import sys
 
     try:
@@ -235,9 +242,9 @@ def _drop_native_info():
     except (AttributeError, OSError, ValueError):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as capture:
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(fd)
         os.dup2(capture.fileno(), fd)
         try:
             yield
@@ -256,8 +263,8 @@ class LiteRTEngine:
 
     A batch is split over ``parallel`` interpreters (default: one per core), each single-threaded,
     in its own thread, invoked one image at a time. On 2 cores that beat one interpreter using both
-    cores on whole batches by 10-20 % (SqueezeNet 297 vs 245 img/s, MobileNetV2 346 vs 288 at
-    batch 8): no barrier between the cores inside each layer, and one image's activations stay in
+    cores on whole batches by 15-60 % (``bench.py --sweep``: SqueezeNet 280-297 vs 190-245 img/s,
+    MobileNetV2 330-346 vs 210-290): no barrier between the cores inside each layer, and one image's activations stay in
     cache. LiteRT releases the GIL while it computes. Calls from several threads take turns.
 
     Parameters

@@ -162,3 +162,29 @@ def test_network_errors_in_decode_threads_stop_the_run(tiny_model_path, tiny_dat
     with pytest.raises(RuntimeError, match="interpreter failed"):
         extract(tiny_data, [f"file:{tiny_model_path}"], out=tmp_path / "f", preprocess="scale",
                 quiet=True, engine="litert")
+
+
+def test_interpreters_made_in_many_threads_leave_stderr_alone(tiny_model_path, tmp_path, monkeypatch):
+    """Each decode thread makes its own interpreter; hiding LiteRT's INFO line must not lose stderr."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("FEATUREPIPE_CACHE", str(tmp_path / "cache"))
+    real_class = engines._litert_interpreter()
+
+    class SlowToPlan(real_class):  # widen the window in which fd 2 is redirected
+        def allocate_tensors(self):
+            time.sleep(0.05)
+            return super().allocate_tensors()
+
+    monkeypatch.setattr(engines, "_litert_interpreter", lambda: SlowToPlan)
+    stderr = open(os.dup(2), "w")  # a real file descriptor (pytest's capture has none)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    model = tiny_feature_model(tiny_model_path, "litert")
+    images = random_images(16, 32)
+    before = os.fstat(stderr.fileno())
+    with ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(model.one, images))
+    after = os.fstat(stderr.fileno())
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert relative_error(np.stack(rows), model(images)) < 1e-4
