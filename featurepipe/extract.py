@@ -329,18 +329,43 @@ def _chunks(pending, index, stats, chunk_size):
         yield f"part-{k:06d}-{digest}.npz", members
 
 
-def _safe_load(abs_path, size, resize, max_pixels, then=None):
+def _safe_load(abs_path, size, resize, max_pixels, then=None, clock=None):
     """(rgb or then(rgb), sha1), or the ImageError saying why the file cannot be decoded.
 
     Only decoding is guarded: an error in ``then`` (the network) is a real failure and propagates.
+    ``clock`` (a dict) receives ``started`` and ``decoded`` monotonic times, so the caller can time
+    the decoding alone.
     """
+    clock = {} if clock is None else clock
+    clock["started"] = time.monotonic()
     try:
         rgb, sha1 = load_image(abs_path, size, resize, max_pixels=max_pixels)
     except ImageError as err:
         return err
     except Exception as err:  # never let one file end the run
         return ImageError(f"cannot decode: {type(err).__name__}: {err}")
+    finally:
+        clock["decoded"] = time.monotonic()
     return (rgb if then is None else then(rgb)), sha1
+
+
+def _result_within(future, clock, timeout):
+    """The future's result, or an ImageError once its decoding (not the network) passed ``timeout``.
+
+    A task that has not started when the time is up sits behind decoders stuck on earlier files:
+    it is reported too, so no file can hang the run.
+    """
+    while True:
+        started = clock.get("started")
+        if "decoded" in clock:
+            return future.result()  # decoded: what is left is the network, which is never cut short
+        left = timeout if started is None else timeout - (time.monotonic() - started)
+        try:
+            return future.result(timeout=max(left, 0.01))
+        except FuturesTimeout:
+            if "decoded" not in clock and (clock.get("started") is None
+                                           or time.monotonic() - clock["started"] >= timeout):
+                return ImageError(f"decoding took longer than {timeout:.0f} s")
 
 
 def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
@@ -350,26 +375,28 @@ def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_p
     Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
     With ``then``, each worker thread yields ``(then(rgb), sha1)`` instead: extract passes
     ``FeatureModel.one`` for engines that run single images in many threads, so one thread decodes
-    an image while another runs the network. An image that takes longer than ``timeout`` seconds
-    is reported as unreadable, so no single file can hang the run.
+    an image while another runs the network. An image whose decoding takes longer than ``timeout``
+    seconds is reported as unreadable, so no single file can hang the run.
     """
     workers = workers or max(2, min(8, os.cpu_count() or 2))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode")
     futures = deque()
     paths = iter(abs_paths)
+
+    def submit(path):
+        clock = {}
+        futures.append((pool.submit(_safe_load, path, size, resize, max_pixels, then, clock), clock))
+
     try:
         for p in paths:
-            futures.append(pool.submit(_safe_load, p, size, resize, max_pixels, then))
+            submit(p)
             if len(futures) >= prefetch:
                 break
         while futures:
-            try:
-                result = futures.popleft().result(timeout=timeout)
-            except FuturesTimeout:
-                result = ImageError(f"decoding took longer than {timeout:.0f} s")
+            result = _result_within(*futures.popleft(), timeout)
             nxt = next(paths, None)
             if nxt is not None:
-                futures.append(pool.submit(_safe_load, nxt, size, resize, max_pixels, then))
+                submit(nxt)
             yield result
     finally:
         # Do not wait for a decoder stuck on a pathological file.
@@ -395,6 +422,9 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
             if load_part(parts_dir / name, keys=("positions",)) is None]
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
     bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
+    if not todo:  # every chunk is on disk: no engine to build (nor to record in the file)
+        bar.close()
+        return _collect([parts_dir / name for name, _ in chunks])
     if opts.dask is not None:
         return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
     work = [p for _, members in todo for p in members]
@@ -600,11 +630,10 @@ def _versions():
 
 def _engine_attr(model, old):
     """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
-    new = model.engine.name if model._engine is not None else model.engine_name
-    names = {new} if new != "auto" else set()
+    names = {model.engine.name} if model._engine is not None else set()  # no engine: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
-    return "+".join(sorted(names)) or new
+    return "+".join(sorted(names)) or model.engine_name
 
 
 def _attrs(index, spec, model, opts, dim, old, now):

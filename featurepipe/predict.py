@@ -79,9 +79,12 @@ def feature_models(bundle, *, engine="auto"):
 def _check_tf_version(bundle):
     from .engines import tensorflow_version
 
+    def same_spelling(version):  # tf.__version__ says 2.x.0-dev..., package metadata 2.x.0.dev...
+        return version.replace("-", ".")
+
     made = {str(b["attrs"].get("tensorflow_version", "")) for b in bundle["blocks"]} - {""}
     here = tensorflow_version()
-    if made and made != {here}:
+    if made and {same_spelling(v) for v in made} != {same_spelling(here)}:
         warnings.warn(f"the features were made with TensorFlow {', '.join(sorted(made))}, this is "
                       f"{here}: predictions may differ slightly", stacklevel=3)
 

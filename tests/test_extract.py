@@ -351,3 +351,31 @@ def test_broken_symlink_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_p
     os.symlink(tmp_path / "nowhere.jpg", tiny_data / "red" / "dangling.jpg")
     f = load(_run(tiny_data, tiny_model_path, tmp_path / "out").path)
     assert "red/dangling.jpg" in dict(f.skipped) and len(f.paths) == 18
+
+
+def test_a_slow_network_in_the_decode_threads_is_not_a_decode_timeout(tmp_path):
+    paths = [make_image(tmp_path / n, (1, 2, 3)) for n in ("a.png", "b.png")]
+
+    def slow_network(rgb):
+        time.sleep(1.0)
+        return rgb.mean(axis=(0, 1))
+
+    results = list(extract_module.decoded_stream(paths, 8, "stretch", timeout=0.3, then=slow_network))
+    assert not any(isinstance(r, extract_module.ImageError) for r in results)
+    assert [r[0].shape for r in results] == [(3,), (3,)]
+
+
+def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path, tmp_path, monkeypatch):
+    import featurepipe.engines as engines
+
+    args = dict(out=tmp_path / "f", preprocess="scale", quiet=True, verify=0)
+    [first] = extract(tiny_data, [f"file:{tiny_model_path}"], engine="tf", **args)
+
+    def fail(*a, **k):
+        raise AssertionError("an engine was built for nothing")
+
+    monkeypatch.setattr(engines, "make_engine", fail)
+    [again] = extract(tiny_data, [f"file:{tiny_model_path}"], engine="auto", **args)
+    assert again.n_extracted == 0 and again.n_rows == first.n_rows
+    with h5py.File(again.path) as f:
+        assert f.attrs["engine"] == "tf"
