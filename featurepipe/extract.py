@@ -685,7 +685,8 @@ def build_parser():
     p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                    help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
                         "one on this machine, remembered; tf without LiteRT)")
-    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--workers", type=int,
+                   help="image decoding threads (with the litert engine each also runs the network: default one per core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
