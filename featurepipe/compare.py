@@ -18,8 +18,9 @@ from pathlib import Path
 from .cli import OneLineParser, warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .errors import UsageError
-from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
-                  model_stem, resolve_feature_files, results_markdown, update_results)
+from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
+from .paths import dataset_name, models_dir
+from .results import finetune_rows, results_markdown, update_results  # noqa: F401 (finetune_rows re-exported)
 
 
 def feature_sets(files, *, concat=True):
@@ -115,23 +116,6 @@ def _finetune_missing(backbones, files, folder, *, seed, quiet):
         if not output_paths(by_backbone[backbone], folder.parent)[1].exists():
             finetune(backbone=backbone, features=by_backbone[backbone], models_dir=folder.parent,
                      seed=seed, quiet=quiet)
-
-
-def finetune_rows(folder):
-    """Rows from ``<backbone>__finetune.json`` files saved by ``featurepipe.finetune``."""
-    rows = []
-    for path in sorted(Path(folder).glob("*__finetune.json")):
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            warnings.warn(f"unreadable fine-tune result {path}", stacklevel=2)
-            continue
-        row = {c: saved.get(c) for c in RESULT_COLUMNS}
-        row.update(features=saved.get("features") or path.name.split("__")[0], clf=saved.get("clf") or "finetune",
-                   status=saved.get("status") or "ok",
-                   model=saved.get("model") or str(path.with_suffix(".keras")))
-        rows.append(row)
-    return rows
 
 
 def _float(value):
@@ -249,8 +233,6 @@ def main(argv=None):
 
 
 def load_dataset_name(feature_files):
-    from .fit import dataset_name
-
     return dataset_name(resolve_feature_files(feature_files)[0])
 
 

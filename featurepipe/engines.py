@@ -34,6 +34,7 @@ import numpy as np
 
 from .backbones import PREPROCESS, build_feature_model, import_tensorflow
 from .errors import FeaturepipeError, UsageError
+from .paths import cache_dir  # noqa: F401 (re-exported)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -48,11 +49,6 @@ TRIAL_ROUNDS = 5                  # timed batches per engine (after one warm-up 
 TF_MARGIN = 1.05
 # bump when an engine's speed changes, so auto re-times the engines instead of trusting old choices
 TRIAL_VERSION = 2
-
-
-def cache_dir():
-    """The folder for converted models and engine choices (``$FEATUREPIPE_CACHE`` or ~/.cache/featurepipe)."""
-    return Path(os.environ.get("FEATUREPIPE_CACHE") or Path.home() / ".cache" / "featurepipe")
 
 
 def pixel_model(backbone, spec, resolved):

@@ -31,28 +31,12 @@ from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
+from .paths import data_home, default_out_dir, is_inside, latest_pointer  # noqa: F401 (re-exported)
 from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
 DECODE_TIMEOUT = 120.0
-
-
-def data_home():
-    """The folder for datasets and feature files (``$FEATUREPIPE_DATA`` or ``./data``)."""
-    return Path(os.environ.get("FEATUREPIPE_DATA", "data"))
-
-
-def default_out_dir(data):
-    """``data/features/<name of the data folder or CSV>``."""
-    data = Path(data)
-    name = data.stem if data.is_file() else data.resolve().name
-    return data_home() / "features" / name
-
-
-def latest_pointer():
-    """The file naming the feature files of the most recent extract run."""
-    return data_home() / "features" / "latest.json"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
+from .paths import models_home
 from .images import assign_split, is_image_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -93,11 +94,6 @@ class _Settings:
     val_size: float
     augment: bool
     seed: int
-
-
-def models_home():
-    """The models root (``$FEATUREPIPE_MODELS`` or ``./models``)."""
-    return Path(os.environ.get("FEATUREPIPE_MODELS", "models"))
 
 
 def output_paths(feature_file, models_dir=None):
@@ -193,6 +189,9 @@ def finetune(data=None, backbone="mobilenet_v2", *, features=None, unfreeze=None
     from .store import write_json_atomic
 
     write_json_atomic(json_path, meta)
+    from .results import saved_row, update_results
+
+    update_results(json_path.parent, [saved_row(meta, json_path)])
     shutil.rmtree(work, ignore_errors=True)
     result = FinetuneResult(keras_path, json_path, score["accuracy"], score["macro_f1"],
                             meta["fit_seconds"], score["ms_per_image"], state["epoch"],

@@ -8,7 +8,6 @@ L2-normalised too, so predict always applies the same transform). The model is s
 metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 """
 
-import csv
 import hashlib
 import json
 import math
@@ -30,31 +29,14 @@ from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
 from .errors import DataError, UsageError
-from .extract import latest_pointer
+from .paths import dataset_name, latest_pointer, models_dir, models_home  # noqa: F401 (re-exported)
+from .results import RESULT_COLUMNS, read_results, results_markdown, update_results  # noqa: F401
 from .store import load, write_json_atomic
 
 MODEL_FORMAT = "featurepipe-model/1"
-RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
-                  "fit_seconds", "predict_ms_per_image", "best_params", "status",
-                  "convergence_warnings", "n_train", "n_test", "model", "key")
 
 
 # --------------------------------------------------------------------------- places
-
-
-def models_home():
-    """The models root: ``$FEATUREPIPE_MODELS`` or ``./models``."""
-    return Path(os.environ.get("FEATUREPIPE_MODELS", "models"))
-
-
-def dataset_name(feature_file):
-    """The dataset a feature file belongs to: its folder's name (``data/features/<dataset>/x.h5``)."""
-    return Path(feature_file).resolve().parent.name
-
-
-def models_dir(dataset):
-    """``models/<dataset>/`` (not created)."""
-    return models_home() / dataset
 
 
 def model_stem(features, clf):
@@ -200,73 +182,6 @@ class FitResult:
         return (f"{self.features} / {self.clf}: CV {self.cv_mean:.4f} ± {self.cv_std:.4f}, test "
                 f"accuracy {self.test_accuracy:.4f}, macro-F1 {self.test_macro_f1:.4f} "
                 f"({self.fit_seconds:.1f} s) best: {self.best_params or '(defaults)'}")
-
-
-def read_results(folder):
-    """Rows of ``folder/results.csv`` as dicts of strings (empty when absent)."""
-    path = Path(folder) / "results.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def update_results(folder, rows):
-    """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
-
-    Returns the table's rows, best test accuracy first.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    table = {(r["features"], r["clf"]): r for r in read_results(folder)}
-    for r in rows:
-        table[(str(r["features"]), str(r["clf"]))] = {c: _cell(r.get(c, "")) for c in RESULT_COLUMNS}
-    ordered = sorted(table.values(), key=lambda r: -np.nan_to_num(_number(r.get("test_accuracy")), nan=-1))
-    tmp = folder / f".results.csv.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
-    os.replace(tmp, folder / "results.csv")
-    (folder / "results.md").write_text(results_markdown(ordered))
-    return ordered
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def results_markdown(rows):
-    """A Markdown table of result rows (dicts), in the given order."""
-    lines = ["| features | clf | CV accuracy | test accuracy | test macro-F1 | fit s | predict ms/img | best params | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cv = (f"{_number(r['cv_mean']):.4f} ± {_number(r['cv_std']):.4f}"
-              if not math.isnan(_number(r.get("cv_mean"))) else "–")
-        lines.append("| " + " | ".join([
-            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_macro_f1"), 4),
-            _fmt(r.get("fit_seconds"), 1), _fmt(r.get("predict_ms_per_image"), 3),
-            str(r.get("best_params", "")).replace("|", "\\|"),
-            str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)"
-                                        if r.get("convergence_warnings") not in ("", "0", 0, None) else ""),
-        ]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value, digits):
-    v = _number(value)
-    return "–" if math.isnan(v) else f"{v:.{digits}f}"
 
 
 # --------------------------------------------------------------------------- fitting
