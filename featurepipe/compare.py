@@ -19,7 +19,7 @@ from .cli import OneLineParser, warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
-from .paths import dataset_name, models_dir
+from .paths import dataset_name, models_dir_for
 from .results import finetune_rows, results_markdown, update_results  # noqa: F401 (finetune_rows re-exported)
 
 
@@ -65,7 +65,7 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     for clf in clfs:
         get_classifier(clf)  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
-    folder = models_dir(sets[0].dataset)
+    folder = models_dir_for(files[0], claim=True)
     rows = []
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
         for fs in sets:
@@ -227,7 +227,7 @@ def main(argv=None):
                        concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
     print(results_markdown(rows), end="")
     if rows:
-        folder = models_dir(load_dataset_name(args.features))
+        folder = models_dir_for(resolve_feature_files(args.features)[0])
         print(f"-> {folder / 'results.md'}, results.csv, results.png, confusion.png")
     return 0
 

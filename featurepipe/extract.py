@@ -117,8 +117,10 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     opts = Options(**options)
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
-    index = list_images(data)
     out_dir = Path(out) if out is not None else default_out_dir(data)
+    _check_outside_input(data, out_dir, explicit=out is not None)
+    index = list_images(data)
+    _check_same_dataset(out_dir, index.root)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _dask_session(opts.dask):
         results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
@@ -126,6 +128,29 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pointer, {"data": str(index.root), "files": [str(r.path.resolve()) for r in results]})
     return results
+
+
+def _check_outside_input(data, out_dir, *, explicit):
+    """Outputs are never written inside an image folder: the next run would list them as a class."""
+    data = Path(data)
+    if data.is_dir() and is_inside(out_dir, data):
+        where = "--out" if explicit else f"the default output folder (FEATUREPIPE_DATA/features = {out_dir.parent})"
+        raise UsageError(f"{where} '{out_dir}' is inside the image folder '{data}'; pass --out DIR "
+                         "outside it")
+
+
+def _check_same_dataset(out_dir, root):
+    """Feature files of two data sets never share a folder (same folder name, other place)."""
+    from .store import read_attrs
+
+    for path in sorted(Path(out_dir).glob("*.h5")):
+        try:
+            other = str(read_attrs(path).get("data_root", ""))
+        except OSError:
+            continue  # not a feature file: extending it fails later with its own message
+        if other and other != str(root):
+            raise UsageError(f"'{out_dir}' holds the features of another data set ('{other}', in "
+                             f"{path.name}), not '{root}'; pass --out DIR to keep both")
 
 
 def _validate(opts, backbones):

@@ -34,7 +34,7 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
-from .paths import models_home
+from .paths import models_dir_for, models_home  # noqa: F401 (re-exported)
 from .images import assign_split, is_image_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -99,8 +99,7 @@ class _Settings:
 def output_paths(feature_file, models_dir=None):
     """(``.keras`` path, ``.json`` path, work folder) for a feature file's fine-tuned model."""
     feature_file = Path(feature_file)
-    folder = Path(models_dir) if models_dir is not None else models_home()
-    folder = folder / feature_file.resolve().parent.name
+    folder = models_dir_for(feature_file, root=models_dir)
     name = f"{feature_file.stem}__finetune"
     return folder / f"{name}.keras", folder / f"{name}.json", folder / f".{name}.work"
 
@@ -182,7 +181,7 @@ def finetune(data=None, backbone="mobilenet_v2", *, features=None, unfreeze=None
     model, state = _stage2(fmodel, head, feats, rows, images, settings, epochs, patience, work,
                            quiet, list(callbacks))
     score = _evaluate(model, images, rows, feats, batch_size)
-    keras_path.parent.mkdir(parents=True, exist_ok=True)
+    models_dir_for(feature_file, root=models_dir, claim=True)
     _save_atomic(model, keras_path)
     meta = _metadata(feats, feature_file, fmodel, settings, rows, stage1, state, score, epochs,
                      unfreeze_label)

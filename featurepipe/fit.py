@@ -29,7 +29,7 @@ from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
 from .errors import DataError, UsageError
-from .paths import dataset_name, latest_pointer, models_dir, models_home  # noqa: F401 (re-exported)
+from .paths import dataset_name, latest_pointer, models_dir, models_dir_for, models_home  # noqa: F401 (re-exported)
 from .results import RESULT_COLUMNS, read_results, results_markdown, update_results  # noqa: F401
 from .store import load, write_json_atomic
 
@@ -232,7 +232,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
     key = row_key(files, spec.name, pipeline, grid, folds, seed)
-    folder = models_dir(fs.dataset)
+    folder = models_dir_for(files[0], claim=save)
     stem = model_stem(fs.name, spec.name)
     if reuse:
         old = _reusable(folder, stem, key)

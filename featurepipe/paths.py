@@ -7,11 +7,14 @@ Environment variables come first, then defaults relative to the working director
 * ``cache_dir()``     ``$FEATUREPIPE_CACHE`` or ``~/.cache/featurepipe``: converted models, engine choices
 * ``latest_pointer()`` ``data_home()/features/latest.json``: the feature files of the last extract run
 
-This module imports nothing else from featurepipe, so every module may use it.
+This module imports only ``errors`` from featurepipe, so every module may use it.
 """
 
+import json
 import os
 from pathlib import Path
+
+from .errors import UsageError
 
 SOURCE_MARKER = ".featurepipe-source.json"  # in models/<dataset>/: the feature folder it belongs to
 
@@ -56,6 +59,32 @@ def dataset_name(feature_file):
 def models_dir(dataset):
     """``models/<dataset>/`` (not created)."""
     return models_home() / dataset
+
+
+def models_dir_for(feature_file, *, root=None, claim=False):
+    """``<root>/<dataset>/`` for a feature file (root: ``models_home()``), checked to belong to
+    that file's folder: two data sets whose feature folders share a name never share models.
+
+    With ``claim``, the folder is created and records the feature folder it belongs to.
+    Raises UsageError when it already belongs to another feature folder.
+    """
+    source = Path(feature_file).resolve().parent
+    folder = Path(root if root is not None else models_home()) / source.name
+    marker = folder / SOURCE_MARKER
+    try:
+        recorded = json.loads(marker.read_text())["features"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is not None and recorded != str(source):
+        raise UsageError(f"'{folder}' holds the models of the feature files in '{recorded}', not "
+                         f"'{source}'; extract this data set with --out into a folder of another "
+                         f"name (or remove {marker} if those files moved here)")
+    if claim and recorded is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"features": str(source)}))
+        os.replace(tmp, marker)
+    return folder
 
 
 def is_inside(path, root):
