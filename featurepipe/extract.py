@@ -32,7 +32,7 @@ from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflo
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .paths import data_home, default_out_dir, is_inside, latest_pointer  # noqa: F401 (re-exported)
-from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
+from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
@@ -53,10 +53,13 @@ class ExtractResult:
     duplicate_groups: int
     duplicate_leaks: int
     newly_skipped: tuple = ()
+    n_resumed: int = 0  # rows of n_extracted computed by an earlier, interrupted run (its parts)
 
     def summary(self, max_listed=10):
-        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-        line = (f"{self.path.name}: {self.n_rows} images ({self.n_extracted} extracted, "
+        computed = self.n_extracted - self.n_resumed
+        rate = computed / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", {self.n_resumed} from an interrupted run" if self.n_resumed else ""
+        line = (f"{self.path.name}: {self.n_rows} images ({computed} extracted{resumed}, "
                 f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
                 f"{rate:.1f} img/s -> {self.path}")
         for rel, reason in self.newly_skipped[:max_listed]:
@@ -220,13 +223,25 @@ def _extract_backbone(index, name, out_dir, opts):
         plan = _plan(index, old, out_dir, path, opts)
         model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
         parts_dir = path.with_name(f".{path.stem}.parts")
-        extracted, new_skipped = _run_chunks(index, plan, model, spec, parts_dir, opts)
-        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started)
+        _remove_leftovers(path, parts_dir)
+        extracted, new_skipped, n_resumed = _run_chunks(index, plan, model, spec, parts_dir, opts)
+        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started,
+                           n_resumed)
         shutil.rmtree(parts_dir, ignore_errors=True)
     if not opts.quiet:
         print(result.summary(), file=sys.stderr)
     _verify_written(result.path, spec, opts)
     return result
+
+
+def _remove_leftovers(path, parts_dir):
+    """Temporary files of writers killed before they could rename them (we hold the lock)."""
+    removed = remove_stale_temps(path.parent, f".{path.name}")
+    if parts_dir.is_dir():
+        removed += remove_stale_temps(parts_dir)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
+                      f"{removed[0]}", stacklevel=3)
 
 
 def _verify_written(path, spec, opts):
@@ -427,15 +442,16 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
     chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
     _prepare_parts_dir(parts_dir, spec)
-    todo = [(name, members) for name, members in chunks
-            if load_part(parts_dir / name, keys=("positions",)) is None]
+    done = {name: load_part(parts_dir / name, keys=("positions",)) for name, _ in chunks}
+    todo = [(name, members) for name, members in chunks if done[name] is None]
+    n_resumed = sum(len(part["positions"]) for part in done.values() if part is not None)
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
     bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
     if not todo:  # every chunk is on disk: no engine to build (nor to record in the file)
         bar.close()
-        return _collect([parts_dir / name for name, _ in chunks])
+        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
     if opts.dask is not None:
-        return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
+        return (*_run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar), n_resumed)
     work = [p for _, members in todo for p in members]
     # Per-image engines run the network in the decode threads; batch engines in this thread.
     featurize = _stacked_features if model.per_image else model
@@ -448,7 +464,7 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     finally:
         stream.close()
         bar.close()
-    return _collect([parts_dir / name for name, _ in chunks])
+    return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
 
 
 def _dask_session(address):
@@ -538,7 +554,7 @@ def _collect(part_files):
     return with_rows, skipped
 
 
-def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started):
+def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed=0):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
     part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
     good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
@@ -569,7 +585,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks,
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks, n_resumed=n_resumed,
                          newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
 
 
@@ -642,7 +658,19 @@ def _engine_attr(model, old):
     names = {model.engine.name} if model._engine is not None else set()  # no engine: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
-    return "+".join(sorted(names)) or model.engine_name
+    return "+".join(sorted(names)) or _engine_without_building(model)
+
+
+def _engine_without_building(model):
+    """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
+    from .engines import litert_available, remembered_choice
+
+    if model.engine_name != "auto":
+        return model.engine_name
+    if not litert_available():
+        return "tf"
+    record = remembered_choice(model.spec) or {}
+    return record.get("engine") or model.engine.name
 
 
 def _attrs(index, spec, model, opts, dim, old, now):
