@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import PREPROCESS, build_feature_model, import_tensorflow
+from .backbones import PREPROCESS, build_feature_model, file_digest, import_tensorflow
 from .errors import FeaturepipeError, UsageError
 from .paths import cache_dir  # noqa: F401 (re-exported)
 
@@ -216,9 +216,26 @@ def cached_tflite(model, spec):
     path = tflite_path(spec)
     if path is None:
         return None, convert_to_tflite(ModelSource.wrap(model).get())
-    if not path.is_file():
-        _write_atomic(path, convert_to_tflite(ModelSource.wrap(model).get()))
+    if not _intact(path):
+        if path.exists():
+            warnings.warn(f"the cached LiteRT model '{path}' is not the one featurepipe converted "
+                          "(its sha256 differs from the one recorded); converting it again", stacklevel=3)
+        content = convert_to_tflite(ModelSource.wrap(model).get())
+        _write_atomic(path, content)
+        _write_atomic(_digest_path(path), hashlib.sha256(content).hexdigest().encode())
     return path, None
+
+
+def _digest_path(path):
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path):
+    """True when ``path`` holds the bytes whose sha256 was recorded when it was converted."""
+    try:
+        return file_digest(path) == _digest_path(path).read_text().strip()
+    except OSError:
+        return False
 
 
 _STDERR_LOCK = threading.Lock()
