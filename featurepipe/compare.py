@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .cli import OneLineParser, warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
+from .checks import check_at_least, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import dataset_name, models_dir_for
@@ -60,6 +61,8 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     list of dict
         The rows of this run and the fine-tuned rows, best test accuracy first.
     """
+    check_seed(seed)
+    check_at_least(cv, 2, "--cv")
     files = resolve_feature_files(feature_files)
     clfs = list(clfs) if clfs else list(CLASSIFIERS)
     for clf in clfs:
@@ -218,8 +221,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else None
-    if args.cv < 2:
-        raise UsageError(f"--cv must be >= 2, got {args.cv}")
     with warnings.catch_warnings():
         warnings.showwarning = warn_line
         rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,

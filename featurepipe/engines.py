@@ -470,6 +470,8 @@ def choose_engine(model, spec):
         return ENGINES[record["engine"]].make(source, spec)
     try:
         candidates = {"tf": TFEngine(source, spec), "litert": LiteRTEngine(source, spec)}
+    except UsageError:  # a wrong argument (--layer, --image-size): not a reason to try another engine
+        raise
     except FeaturepipeError as err:
         warnings.warn(f"{err}; using the tf engine", stacklevel=2)
         return TFEngine(source, spec)

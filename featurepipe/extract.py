@@ -28,6 +28,7 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
+from .checks import check_at_least, check_image_size, check_seed, check_workers
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
@@ -37,6 +38,7 @@ from .verify import EXTRACT_SAMPLE, verify
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
 DECODE_TIMEOUT = 120.0
+TIMEOUT_REASON = "decoding took longer than"  # such skips are retried by the next run
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,12 @@ def _validate(opts, backbones):
         raise UsageError("no backbone given; pass --backbone NAME (see --list-backbones)")
     if len(set(backbones)) != len(backbones):
         raise UsageError("a backbone is named twice in --backbone")
-    if opts.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    if opts.image_size is not None and opts.image_size < 8:
-        raise UsageError(f"--image-size must be >= 8, got {opts.image_size}")
+    check_at_least(opts.batch_size, 1, "--batch-size")
+    check_image_size(opts.image_size)
+    check_workers(opts.workers)
+    check_seed(opts.seed)
+    check_at_least(opts.chunk_size, 1, "chunk_size")
+    check_at_least(opts.verify, 0, "verify")
     if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
         raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
                          f"(got {opts.test_size} and {opts.val_size})")
@@ -308,7 +312,8 @@ def _plan(index, old, out_dir, path, opts):
             if _same_content(index.absolute(rel), old.sha1[row]):
                 keep[pos], refreshed[pos] = row, stat
                 continue
-        if stat is not None and rel in old_skips and old_skips[rel][1:] == stat:
+        if (stat is not None and rel in old_skips and old_skips[rel][1:] == stat
+                and not old_skips[rel][0].startswith(TIMEOUT_REASON)):  # a timeout may not recur: retried
             keep_skipped[pos] = old_skips[rel]
             continue
         pending.append(pos)
@@ -389,7 +394,7 @@ def _result_within(future, clock, timeout):
         except FuturesTimeout:
             if "decoded" not in clock and (clock.get("started") is None
                                            or time.monotonic() - clock["started"] >= timeout):
-                return ImageError(f"decoding took longer than {timeout:.0f} s")
+                return ImageError(f"{TIMEOUT_REASON} {timeout:.0f} s")
 
 
 def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,

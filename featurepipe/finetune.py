@@ -33,6 +33,7 @@ import numpy as np
 from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import PREPROCESS
+from .checks import check_seed
 from .errors import DataError, ImageError, UsageError
 from .paths import models_dir_for, models_home  # noqa: F401 (re-exported)
 from .images import assign_split, is_image_file
@@ -219,6 +220,7 @@ def _check(unfreeze, epochs, head_epochs, lr, head_lr, batch_size, dropout, pati
         raise UsageError(f"--dropout must be in [0, 1); got {dropout}")
     if not 0 < val_size < 1:
         raise UsageError(f"--val-size must be in (0, 1); got {val_size}")
+    check_seed(seed)
     return _Settings(unfreeze=unfreeze, lr=float(lr), head_lr=float(head_lr),
                      head_epochs=int(head_epochs), batch_size=int(batch_size),
                      dropout=float(dropout), val_size=float(val_size), augment=bool(augment),

@@ -17,7 +17,6 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,8 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
+from .checks import check_at_least, check_seed
+from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
 from .paths import dataset_name, latest_pointer, models_dir, models_dir_for, models_home  # noqa: F401 (re-exported)
 from .results import RESULT_COLUMNS, read_results, results_markdown, update_results  # noqa: F401
@@ -108,12 +109,14 @@ def load_feature_set(feature_files):
     """Load and join feature files by path.
 
     Raises DataError for files with different class names, rows whose split differs between
-    files, or no paths in common.
+    files, NaN or infinite features, or no paths in common.
     """
     files = [Path(f) for f in feature_files]
     if len({f.resolve() for f in files}) != len(files):
         raise UsageError("a feature file is named twice in --features")
     loaded = [load(f) for f in files]
+    for f in loaded:
+        _check_finite(f)
     first = loaded[0]
     for f in loaded[1:]:
         if f.class_names != first.class_names:
@@ -142,6 +145,15 @@ def load_feature_set(feature_files):
                       paths=np.asarray(paths, dtype=object), split=aligned[0].split,
                       class_names=list(first.class_names), blocks=blocks,
                       n_dropped=len(union) - len(common))
+
+
+def _check_finite(features):
+    """NaN or infinite features (a damaged or foreign file) would fail deep inside scikit-learn."""
+    bad = np.flatnonzero(~np.isfinite(features.X).all(axis=1))
+    if len(bad):
+        raise DataError(f"'{features.source}' has {len(bad)} rows with NaN or infinite features, e.g. "
+                        f"{features.paths[bad[0]]}; extract it again (python -m featurepipe.extract "
+                        "... --overwrite)")
 
 
 # --------------------------------------------------------------------------- results
@@ -222,6 +234,8 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     """
     if max_seconds is not None and not max_seconds > 0:
         raise UsageError(f"--max-seconds must be > 0, got {max_seconds}")
+    check_seed(seed)
+    check_at_least(cv, 2, "--cv")
     files = resolve_feature_files(feature_files) if feature_set is None else [Path(b["file"]) for b in feature_set.blocks]
     fs = feature_set if feature_set is not None else load_feature_set(files)
     spec = get_classifier(clf)
@@ -334,7 +348,7 @@ def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
 
 def _joblib_backend(dask):
     if not dask:
-        return nullcontext()
+        return loky_workers_die_with_parent()
     from .distributed import joblib_backend  # only when --dask is given
 
     return joblib_backend(dask)
@@ -344,7 +358,8 @@ class _TimedOut(Exception):
     pass
 
 
-def _child(conn, func, kwargs):
+def _child(conn, func, kwargs, parent_pid):
+    die_with_parent(parent_pid)
     try:
         conn.send(("ok", func(**kwargs)))
     except BaseException as err:  # send any failure back to the parent
@@ -359,7 +374,7 @@ def _run_limited(func, kwargs, seconds):
         return func(**kwargs)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, func, kwargs), daemon=False)
+    proc = ctx.Process(target=_child, args=(send, func, kwargs, os.getpid()), daemon=False)
     proc.start()
     send.close()
     try:
