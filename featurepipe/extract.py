@@ -28,7 +28,8 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
-from .checks import check_at_least, check_image_size, check_seed, check_workers
+from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
+                     check_workers)
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
@@ -712,11 +713,12 @@ def build_parser():
     p.add_argument("--out", help="output folder (default data/features/<name of DATA>)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}: the fastest measured)")
-    p.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's)")
+    p.add_argument("--image-size", type=int,
+                   help=f"input size in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default: the backbone's)")
     p.add_argument("--layer", help="an inner layer instead of the default (see --list-layers)")
     p.add_argument("--pooling", choices=POOLING_MODES, default="avg", help="global pooling of a spatial map")
     p.add_argument("--weights", help="weights file (default: $FEATUREPIPE_WEIGHTS, Keras cache, download)")
-    p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models")
+    p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models (a registry backbone accepts only its own)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                    help="stretch: whole image resized, no crop (default); crop: centre crop; pad: letterbox")
     p.add_argument("--augment", choices=("none", "flip"), default="none",
@@ -728,7 +730,8 @@ def build_parser():
                    help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
                         "one on this machine, remembered; tf without LiteRT)")
     p.add_argument("--workers", type=int,
-                   help="image decoding threads (with the litert engine each also runs the network: default one per core)")
+                   help="image decoding threads, >= 1 (with the litert engine each also runs the network; "
+                        "default one per core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
