@@ -27,7 +27,7 @@ def check_seed(seed, option="--seed"):
 def check_at_least(value, low, option):
     """An integer option with a lower bound (``None`` means the default and is accepted)."""
     if value is not None and (not _is_int(value) or value < low):
-        raise UsageError(f"{option} must be an integer >= {low}, got {value!r}")
+        raise UsageError(f"{option} must be >= {low}, got {value!r}")
     return value
 
 

@@ -21,7 +21,7 @@ from .checks import check_at_least, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import dataset_name, models_dir_for
-from .results import finetune_rows, results_markdown, update_results  # noqa: F401 (finetune_rows re-exported)
+from .results import finetune_rows, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):

@@ -34,7 +34,7 @@ import numpy as np
 
 from .backbones import PREPROCESS, build_feature_model, file_digest, import_tensorflow
 from .errors import FeaturepipeError, UsageError
-from .paths import cache_dir  # noqa: F401 (re-exported)
+from .paths import cache_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

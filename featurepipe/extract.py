@@ -33,7 +33,7 @@ from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
-from .paths import data_home, default_out_dir, is_inside, latest_pointer  # noqa: F401 (re-exported)
+from .paths import default_out_dir, is_inside, latest_pointer
 from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 

@@ -35,7 +35,7 @@ from . import __version__
 from .backbones import PREPROCESS
 from .checks import check_seed
 from .errors import DataError, ImageError, UsageError
-from .paths import models_dir_for, models_home  # noqa: F401 (re-exported)
+from .paths import models_dir_for
 from .images import assign_split, is_image_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -30,8 +30,8 @@ from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_
 from .checks import check_at_least, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
-from .paths import dataset_name, latest_pointer, models_dir, models_dir_for, models_home  # noqa: F401 (re-exported)
-from .results import RESULT_COLUMNS, read_results, results_markdown, update_results  # noqa: F401
+from .paths import dataset_name, latest_pointer, models_dir_for
+from .results import RESULT_COLUMNS, update_results
 from .store import load, write_json_atomic
 
 MODEL_FORMAT = "featurepipe-model/1"

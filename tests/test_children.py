@@ -9,7 +9,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from featurepipe.children import die_with_parent
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 

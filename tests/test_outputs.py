@@ -100,7 +100,8 @@ def test_a_rerun_after_a_kill_removes_leftovers_and_tells_the_truth(tiny_data, t
     live = out / f".tiny.h5.tmp-{os.getpid()}-other"  # a live writer's file is never removed
     for path in stale + [live]:
         path.write_bytes(b"half written")
-    result = _run(tiny_data, tiny_model_path, out, engine="auto", quiet=False)
+    with pytest.warns(UserWarning, match=f"removed 2 temporary files left by a killed run, e.g. .tiny.h5.tmp-{DEAD_PID}"):
+        result = _run(tiny_data, tiny_model_path, out, engine="auto", quiet=False)
     err = capsys.readouterr().err
     assert not any(p.exists() for p in stale) and live.exists()
     assert result.n_extracted == 18 and result.n_resumed == 18
