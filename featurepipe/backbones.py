@@ -12,8 +12,9 @@ checked against the hash in its registry entry before it is loaded.
 import functools
 import hashlib
 import os
+import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -315,7 +316,9 @@ def get_backbone(name, *, preprocess_mode=None):
         raise UsageError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}, or file:PATH")
     entry = BACKBONES[name]
     if preprocess_mode is not None and preprocess_mode != entry.preprocess:
-        entry = replace(entry, preprocess=preprocess_mode)
+        raise UsageError(f"--preprocess {preprocess_mode} does not apply to '{name}', whose weights "
+                         f"were trained with '{entry.preprocess}'; leave --preprocess out (it is for "
+                         "file: models)")
     return entry
 
 
@@ -479,7 +482,13 @@ def build_feature_model(backbone, spec, resolved):
     import_tensorflow()
     import keras
 
-    base = backbone.builder(resolved.path if resolved else None, spec.image_size)
+    try:
+        base = backbone.builder(resolved.path if resolved else None, spec.image_size)
+    except ValueError as err:  # Keras refuses an input too small for the network
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+        reason = next((line for line in lines if line and not line.startswith("Exception encountered")),
+                      type(err).__name__)
+        raise UsageError(f"--image-size {spec.image_size} does not fit '{backbone.name}' ({reason})") from None
     base.trainable = False
     if spec.layer:
         try:

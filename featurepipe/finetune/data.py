@@ -1,7 +1,6 @@
 """Which rows and images a fine-tuning run uses, its settings and its work folder."""
 
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -10,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_seed
 from ..errors import DataError, ImageError, UsageError
 from ..images import assign_split
+from ..paths import models_dir_for
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,10 @@ class Settings:
     seed: int
 
 
-def models_home():
-    """The models root (``$FEATUREPIPE_MODELS`` or ``./models``)."""
-    return Path(os.environ.get("FEATUREPIPE_MODELS", "models"))
-
-
 def output_paths(feature_file, models_dir=None):
     """(``.keras`` path, ``.json`` path, work folder) for a feature file's fine-tuned model."""
     feature_file = Path(feature_file)
-    folder = Path(models_dir) if models_dir is not None else models_home()
-    folder = folder / feature_file.resolve().parent.name
+    folder = models_dir_for(feature_file, root=models_dir)
     name = f"{feature_file.stem}__finetune"
     return folder / f"{name}.keras", folder / f"{name}.json", folder / f".{name}.work"
 
@@ -62,6 +57,7 @@ def check_settings(unfreeze, epochs, head_epochs, lr, head_lr, batch_size, dropo
         raise UsageError(f"--dropout must be in [0, 1); got {dropout}")
     if not 0 < val_size < 1:
         raise UsageError(f"--val-size must be in (0, 1); got {val_size}")
+    check_seed(seed)
     return Settings(unfreeze=unfreeze, lr=float(lr), head_lr=float(head_lr),
                      head_epochs=int(head_epochs), batch_size=int(batch_size),
                      dropout=float(dropout), val_size=float(val_size), augment=bool(augment),

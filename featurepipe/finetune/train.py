@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..paths import models_dir_for
 from .data import (Settings, check_settings, decoded_images, feature_file_for, jsonable,
                    output_paths, prepare_work, split_rows)
 from .model import (build_finetune_model, feature_model_of, make_head, resolve_unfreeze,
@@ -115,13 +116,16 @@ def finetune(data=None, backbone="mobilenet_v2", *, features=None, unfreeze=None
     model, state = _stage2(fmodel, head, feats, rows, images, settings, epochs, patience, work,
                            quiet, list(callbacks))
     score = _evaluate(model, images, rows, feats, batch_size)
-    keras_path.parent.mkdir(parents=True, exist_ok=True)
+    models_dir_for(feature_file, root=models_dir, claim=True)
     save_atomic(model, keras_path)
     meta = _metadata(feats, feature_file, fmodel, settings, rows, stage1, state, score, epochs,
                      unfreeze_label)
     from ..store import write_json_atomic
 
     write_json_atomic(json_path, meta)
+    from ..results import saved_row, update_results
+
+    update_results(json_path.parent, [saved_row(meta, json_path)])
     shutil.rmtree(work, ignore_errors=True)
     result = FinetuneResult(keras_path, json_path, score["accuracy"], score["macro_f1"],
                             meta["fit_seconds"], score["ms_per_image"], state["epoch"],
