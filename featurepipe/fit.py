@@ -36,7 +36,7 @@ from .store import load, write_json_atomic
 MODEL_FORMAT = "featurepipe-model/1"
 RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
-                  "convergence_warnings", "n_train", "n_test", "model", "key")
+                  "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks")
 
 
 # --------------------------------------------------------------------------- places
@@ -184,6 +184,7 @@ class FitResult:
     n_test: int = 0
     model: str = ""
     key: str = ""
+    test_accuracy_no_leaks: float = math.nan  # filled by featurepipe.audit
     n_dropped: int = 0
     class_names: list = field(default_factory=list)
     confusion: list = field(default_factory=list)
@@ -227,7 +228,11 @@ def update_results(folder, rows):
     folder.mkdir(parents=True, exist_ok=True)
     table = {(r["features"], r["clf"]): r for r in read_results(folder)}
     for r in rows:
-        table[(str(r["features"]), str(r["clf"]))] = {c: _cell(r.get(c, "")) for c in RESULT_COLUMNS}
+        new = {c: _cell(r.get(c, "")) for c in RESULT_COLUMNS}
+        old = table.get((new["features"], new["clf"]), {})
+        if not new["test_accuracy_no_leaks"] and old.get("key", "") == new["key"]:
+            new["test_accuracy_no_leaks"] = old.get("test_accuracy_no_leaks", "")  # same inputs, same value
+        table[(new["features"], new["clf"])] = new
     ordered = sorted(table.values(), key=lambda r: -np.nan_to_num(_number(r.get("test_accuracy")), nan=-1))
     tmp = folder / f".results.csv.tmp-{os.getpid()}"
     with open(tmp, "w", newline="") as fh:
@@ -249,18 +254,24 @@ def _cell(value):
 
 def results_markdown(rows):
     """A Markdown table of result rows (dicts), in the given order."""
-    lines = ["| features | clf | CV accuracy | test accuracy | test macro-F1 | fit s | predict ms/img | best params | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| features | clf | CV accuracy | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cv = (f"{_number(r['cv_mean']):.4f} ± {_number(r['cv_std']):.4f}"
               if not math.isnan(_number(r.get("cv_mean"))) else "–")
         lines.append("| " + " | ".join([
-            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_macro_f1"), 4),
+            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_accuracy_no_leaks"), 4),
+            _fmt(r.get("test_macro_f1"), 4),
             _fmt(r.get("fit_seconds"), 1), _fmt(r.get("predict_ms_per_image"), 3),
             str(r.get("best_params", "")).replace("|", "\\|"),
             str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)"
                                         if r.get("convergence_warnings") not in ("", "0", 0, None) else ""),
         ]) + " |")
+    leaky = [r for r in rows if _number(r.get("test_accuracy_no_leaks")) != _number(r.get("test_accuracy"))
+             and not math.isnan(_number(r.get("test_accuracy_no_leaks")))]
+    if leaky:
+        lines.append(f"\nwarning: test images with a near-duplicate in train/val change the test accuracy of "
+                     f"{len(leaky)} rows; 'test acc. no leaks' leaves them out (audit/duplicates.csv)")
     return "\n".join(lines) + "\n"
 
 
