@@ -98,8 +98,8 @@ def extract(plan, work):
     out = work / "features" / Path(plan["data"]).name
     env = dict(os.environ, PYTHONPATH=str(PROJECT), FEATUREPIPE_DATA=str(work / "home"))
     env.setdefault("FEATUREPIPE_WEIGHTS", str(DEFAULT_WEIGHTS))
-    cmd = [sys.executable, "-m", "featurepipe.extract", "--data", plan["data"], "--out", str(out),
-           "--backbone", *BACKBONES, "--quiet"]
+    cmd = [sys.executable, "-m", "featurepipe.extract", "--data", plan["data"], "--out", str(out), "--quiet"]
+    cmd += [arg for b in BACKBONES for arg in ("--backbone", b)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
     return [out / f"{b}.h5" for b in BACKBONES]
