@@ -4,9 +4,9 @@
 only parses arguments and prints its summary. It writes under ``models/<dataset>/audit/``:
 
 * ``duplicates.csv`` (``path_a, path_b, split_a, split_b, cosine``): pairs of images whose features
-  are nearly identical, from a nearest-neighbour search on the L2-normalised features of all the
-  given files joined (the cosine of the joined rows is the mean of the blocks' cosines). Exact
-  blocked matrix products up to ``EXACT_MAX_ROWS`` images, faiss's HNSW index past that.
+  are nearly identical, from a nearest-neighbour search on the features of all the given files
+  (each L2-normalised, joined, PCA-whitened to 512 dimensions, L2-normalised again). Exact blocked
+  matrix products up to ``EXACT_MAX_ROWS`` images, faiss's HNSW index past that.
 * the ``test_accuracy_no_leaks`` column of ``results.csv`` / ``results.md``: each row's saved model
   scored again on the test images that have no near-duplicate in train/val.
 * ``suspects.csv`` (``path, split, given, suggested, score``, most suspicious first): the images
@@ -39,6 +39,8 @@ from .store import write_json_atomic
 # mirrored) of flowers5 photos scored 0.xx-0.99, the nearest distinct photo of the same class
 # 0.xx at most (benchmarks/audit_planted.py; README, Audit).
 DEFAULT_THRESHOLD = 0.90
+WHITEN_DIMS = 512
+WHITEN_FIT_ROWS = 20_000
 EXACT_MAX_ROWS = 50_000       # past this many images, faiss HNSW finds the candidate pairs
 ANN_NEIGHBOURS = 16           # neighbours asked of the index per image
 BLOCK_BYTES = 256 << 20       # memory for one block of the exact similarity matrix
@@ -214,9 +216,32 @@ def _stack(found):
     return i.astype(np.int64), j.astype(np.int64), c.astype(np.float32)
 
 
+def whitened(X, *, dims=WHITEN_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
+    """Rows projected on their ``dims`` main axes, each axis scaled to unit variance (PCA whitening).
+
+    Pooled CNN features share large common directions, so the plain cosine of two different
+    photos of one class is already high (0.9 and more on flowers5); whitening puts the weight on
+    what distinguishes one photo from another, which separates copies from distinct photos (README,
+    Audit). PCA is fitted on at most ``fit_rows`` rows (a random sample), then applied block by
+    block. Returns ndarray of shape (n_samples, <= dims), float32.
+    """
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    sample = X if len(X) <= fit_rows else X[np.sort(rng.choice(len(X), fit_rows, replace=False))]
+    k = max(1, min(dims, X.shape[1], len(sample) - 1))
+    pca = PCA(n_components=k, whiten=True, random_state=seed,
+              svd_solver="randomized" if k < min(sample.shape) // 2 else "full").fit(sample)
+    keep = pca.explained_variance_ > 1e-6 * pca.explained_variance_[0]  # no division by ~0
+    rows = max(1, BLOCK_BYTES // (4 * X.shape[1]))
+    return np.vstack([pca.transform(X[s:s + rows])[:, keep] for s in range(0, len(X), rows)]).astype(np.float32)
+
+
 def find_duplicates(fs, *, threshold=DEFAULT_THRESHOLD, exact_max_rows=EXACT_MAX_ROWS):
-    """Near-duplicate pairs of a ``FeatureSet``: (list of DuplicatePair, number of groups)."""
-    i, j, cos = similar_pairs(fs.X, threshold, exact_max_rows=exact_max_rows)
+    """Near-duplicate pairs of a ``FeatureSet`` (cosine of the whitened features):
+    (list of DuplicatePair, number of groups)."""
+    i, j, cos = similar_pairs(whitened(fs.X), threshold, exact_max_rows=exact_max_rows)
     pairs = [DuplicatePair(str(fs.paths[a]), str(fs.paths[b]), str(fs.split[a]), str(fs.split[b]), float(c))
              for a, b, c in zip(i, j, cos)]
     return pairs, _count_groups(len(fs.paths), i, j)
