@@ -1,6 +1,6 @@
 """Time the near-duplicate search: exact blocked products vs faiss HNSW, on synthetic features.
 
-    python benchmarks/audit_scaling.py [--rows 5000 20000] [--dim 3072]
+    python benchmarks/audit_scaling.py [--rows 20000 50000] [--dim 512]
 
 Rows are clustered random vectors (like one class's photos) plus 1 % planted copies; prints, per
 size and method, the seconds, the peak RSS growth and how many planted pairs were found.
@@ -44,8 +44,8 @@ def child(n, dim, method):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, nargs="+", default=[5000, 20000])
-    p.add_argument("--dim", type=int, default=3072)
+    p.add_argument("--rows", type=int, nargs="+", default=[20000, 50000])
+    p.add_argument("--dim", type=int, default=512)  # the whitened space the audit searches
     p.add_argument("--child", nargs=3)
     args = p.parse_args()
     if args.child:
