@@ -22,6 +22,7 @@ import csv
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,7 +233,8 @@ def whitened(X, *, dims=WHITEN_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
     rng = np.random.default_rng(seed)
     sample = X if len(X) <= fit_rows else X[np.sort(rng.choice(len(X), fit_rows, replace=False))]
     k = max(1, min(dims, X.shape[1], len(sample) - 1))
-    pca = PCA(n_components=k, whiten=True, random_state=seed,
+    # two power iterations instead of sklearn's default: a quarter of the time, the same pairs
+    pca = PCA(n_components=k, whiten=True, random_state=seed, iterated_power=2,
               svd_solver="randomized" if k < min(sample.shape) // 2 else "full").fit(sample)
     keep = pca.explained_variance_ > 1e-6 * pca.explained_variance_[0]  # no division by ~0
     rows = max(1, BLOCK_BYTES // (4 * X.shape[1]))
@@ -524,23 +526,25 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     folder = models_dir(fs.dataset)
     out = folder / "audit"
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    say = (lambda msg: None) if quiet else (
+        lambda msg: print(f"audit: {msg} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True))
 
-    say("audit: near-duplicates")
+    say("near-duplicates")
     pairs, n_groups = find_duplicates(fs, threshold=threshold, exact_max_rows=exact_max_rows)
     leaked = leaked_test_paths(pairs)
     _write_csv(out / "duplicates.csv", DUPLICATE_COLUMNS, [asdict(p) for p in pairs])
-    say("audit: leak-adjusted scores")
+    say("leak-adjusted scores")
     rescored = rescore_without_leaks(folder, files, leaked)
 
     rows = read_results(folder)
     C = _logreg_C(rows, fs.name)
-    say("audit: label suspects")
+    say("label suspects")
     proba, full_model = out_of_fold_probabilities(fs, C=C, seed=seed, n_jobs=n_jobs)
     suspects, n_flagged = rank_suspects(fs, proba)
     _write_csv(out / "suspects.csv", SUSPECT_COLUMNS, [asdict(s) for s in suspects])
 
-    say("audit: learning curve")
+    say("learning curve")
     curve_fs = _best_feature_set(rows, files, fs)
     curve = learning_curve(curve_fs, C=_logreg_C(rows, curve_fs.name), seeds=seeds, n_jobs=n_jobs,
                            full_model=full_model if curve_fs is fs else None)
@@ -554,6 +558,7 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
                          leaked_test=leaked, suspects=suspects, n_flagged=n_flagged, curve_features=curve_fs.name, curve=curve,
                          doubling_gain=gain, rows_rescored=rescored, feature_set=fs)
     _write_summary(result, fs)
+    say("done")
     return result
 
 
