@@ -165,3 +165,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "share no image paths" in err
     assert run_main(main, ["--features", str(a), "--threshold", "1.5"]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_duplicates_are_searched_in_whitened_space():
+    """Features sharing a large common direction (like pooled ReLU outputs): every plain cosine is
+    high, the whitened one still tells the two copies from the rest."""
+    from featurepipe.audit import find_duplicates
+    from featurepipe.fit import FeatureSet
+
+    rng = np.random.default_rng(3)
+    X = 10 + rng.normal(0, 1, (200, 32)).astype(np.float32)
+    X[100] = X[3] + rng.normal(0, 0.05, 32)
+    X[150] = X[60] + rng.normal(0, 0.05, 32)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert np.sort((Xn @ Xn.T).ravel())[len(X)] > 0.95  # plain cosine: every pair looks alike
+    paths = np.array([f"a/{i:03d}.jpg" for i in range(200)], dtype=object)
+    fs = FeatureSet(name="x", dataset="d", X=X, y=np.zeros(200, np.int32), paths=paths,
+                    split=np.array(["train"] * 200, dtype=object), class_names=["a"], blocks=[])
+    pairs, groups = find_duplicates(fs)
+    assert sorted((p.path_a, p.path_b) for p in pairs) == [("a/003.jpg", "a/100.jpg"), ("a/060.jpg", "a/150.jpg")]
+    assert groups == 2
