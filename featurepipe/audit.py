@@ -43,7 +43,7 @@ from .store import write_json_atomic
 DEFAULT_THRESHOLD = 0.70
 WHITEN_DIMS = 512
 WHITEN_FIT_ROWS = 20_000
-EXACT_MAX_ROWS = 50_000       # past this many images, faiss HNSW finds the candidate pairs
+EXACT_MAX_ROWS = 100_000      # past this many images, faiss HNSW finds the pairs (README: crossover)
 ANN_NEIGHBOURS = 16           # neighbours asked of the index per image
 BLOCK_BYTES = 256 << 20       # memory for one block of the exact similarity matrix
 CURVE_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
