@@ -311,8 +311,12 @@ def _accuracy_without(row, stems, leaked, sets):
     keep = np.flatnonzero((fs.split == "test") & ~np.isin(fs.paths, list(leaked)))
     if len(keep) == 0:
         return ""
-    model = load_model(model_path)["model"]
-    pred = model.classes_[np.argmax(model.predict_proba(fs.X[keep]), axis=1)]
+    try:
+        model = load_model(model_path)["model"]
+        pred = model.classes_[np.argmax(model.predict_proba(fs.X[keep]), axis=1)]
+    except Exception as err:  # one stale or broken model must not stop the audit
+        warnings.warn(f"{model_path.name}: not scored again ({type(err).__name__}: {err})", stacklevel=2)
+        return ""
     return f"{float(np.mean(pred == fs.y[keep])):.6g}"
 
 

@@ -130,6 +130,18 @@ def test_leak_adjusted_accuracy_fills_every_row(tmp_path):
     assert again["logreg"] == "" and again["knn"] != ""
 
 
+def test_a_broken_model_is_left_blank_with_a_warning(tmp_path):
+    X, y, paths, split, _ = planted()
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    compare([f], ["logreg", "knn"], cv=3, n_jobs=1, plots=False)
+    folder = tmp_path / "home" / "models" / "synth"
+    (folder / "alpha__knn.joblib").write_bytes(b"not a model")
+    with pytest.warns(UserWarning, match="alpha__knn.joblib: not scored again"):
+        audit([f], seeds=1, n_jobs=1)
+    rows = {r["clf"]: r["test_accuracy_no_leaks"] for r in _csv(folder / "results.csv")}
+    assert rows["knn"] == "" and rows["logreg"] != ""
+
+
 def test_no_leaks_means_the_test_accuracy(tmp_path):
     X, y, paths, split, _ = planted()
     keep = [i for i, p in enumerate(paths) if not p.endswith("_copy.jpg")]
