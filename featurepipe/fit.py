@@ -178,6 +178,7 @@ class FitResult:
     n_test: int = 0
     model: str = ""
     key: str = ""
+    test_accuracy_no_leaks: float = math.nan  # filled by featurepipe.audit
     n_dropped: int = 0
     class_names: list = field(default_factory=list)
     confusion: list = field(default_factory=list)
