@@ -198,7 +198,7 @@ def header_section(files, *, limits):
 
 def results_section(rows):
     """The table's columns (the optional ones only when present) and cells with sort values."""
-    columns = [c for c in COLUMNS if not c.optional or (rows and c.key in rows[0])]
+    columns = [c for c in COLUMNS if not c.optional or any(r.get(c.key) for r in rows)]
     table = []
     for r in rows:
         cells = []
@@ -311,10 +311,10 @@ def learning_curve_section(audit_dir):
     rows = read_csv(path)
     columns = ("features", "clf", "n_per_class", "accuracy_mean", "accuracy_std")
     if rows and _has_columns(rows, path, columns):
-        return {"svg": learning_curve_svg(rows), "rows": rows}
+        return {"svg": learning_curve_svg(rows)}
     png = Path(audit_dir) / "learning_curve.png"
     if png.is_file():
-        return {"png": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii"), "rows": []}
+        return {"png": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")}
     return None
 
 

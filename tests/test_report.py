@@ -162,12 +162,16 @@ def test_report_is_self_contained_and_holds_every_section(dataset):
     assert "3, of which 1 across splits" in html
     assert "suggested green" in html
     assert '<div class="curve" id="learning-curve"><svg' in html
-    assert "duplicate_pairs: <b>3</b>" in html and "nested" not in html
+    assert "duplicate pairs: <b>3</b>" in html and "nested" not in html
     assert "featurepipe.audit</code> makes" not in html
 
 
 def test_report_without_audit_says_which_command_makes_it(dataset):
     feature_file, folder = dataset
+    with open(folder / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    _csv(folder / "results.csv", list(rows[0]) + ["test_accuracy_no_leaks"],
+         [list(r.values()) + [""] for r in rows])  # the column the audit fills, still empty
     html = report([feature_file]).path.read_text()
     assert html.count("<code>python -m featurepipe.audit</code> makes") == 3
     assert "test accuracy, no leaks" not in html
