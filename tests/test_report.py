@@ -377,3 +377,22 @@ def test_browser_map_draws_points_and_hover_shows_the_image(page):
     assert tip.is_displayed()
     assert driver.execute_script("const i = document.querySelector('#tip img'); return i && i.naturalWidth") > 0
     assert tip.text.split("\n")[0] == points[int(circles[-1].get_attribute("data-i"))][6]
+
+
+def test_second_report_reuses_the_map_and_predictions(dataset, monkeypatch):
+    from sklearn.pipeline import Pipeline
+
+    import featurepipe.report as reportmod
+
+    feature_file, folder = dataset
+    calls = []
+    real_embed = reportmod.embed_2d
+    monkeypatch.setattr(reportmod, "embed_2d", lambda X, **kw: calls.append("map") or real_embed(X, **kw))
+    real_proba = Pipeline.predict_proba
+    monkeypatch.setattr(Pipeline, "predict_proba", lambda self, X: calls.append("proba") or real_proba(self, X))
+    first = page_data(report([feature_file]).path.read_text())
+    second = page_data(report([feature_file]).path.read_text())
+    assert calls == ["proba", "map"]
+    assert second["map"] == first["map"] and second["cells"] == first["cells"]
+    report([feature_file], seed=1)  # another sample and layout
+    assert calls == ["proba", "map", "map"]
