@@ -8,7 +8,9 @@ DATA ?= $(if $(wildcard $(SHARED)/datasets/flowers5),$(SHARED)/datasets/flowers5
 BACKBONES ?= squeezenet mobilenet_v2 efficientnet_lite0
 export FEATUREPIPE_WEIGHTS ?= $(if $(wildcard $(SHARED)/weights),$(SHARED)/weights,)
 
-.PHONY: install test features compare run bench clean
+.PHONY: install test browser features compare run bench clean
+MODELS := $(or $(FEATUREPIPE_MODELS),models)
+REPORT = $(MODELS)/$(notdir $(DATA))/report.html
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +20,21 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The report's browser tests drive Debian's chromium with chromedriver: installed here when missing
+# and we are root with apt-get; otherwise those tests are skipped with the reason.
+browser:
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (apt-get) for the report's browser tests"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	      >/dev/null 2>&1 || echo "could not install chromium; the browser tests will be skipped"; \
+	  else \
+	    echo "no chromium/chromedriver and not root with apt-get: the browser tests will be skipped"; \
+	  fi; \
+	fi
 
 data/flower_photos:
 	$(PY) -m featurepipe.datasets flower_photos --out data
@@ -31,6 +46,7 @@ compare: $(STAMP)
 	$(PY) -m featurepipe.compare
 
 run: features compare
+	@if [ -f $(REPORT) ]; then echo "report: $(abspath $(REPORT))"; else echo "no report written (see the warnings above)"; fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(if $(wildcard $(DATA)),--data $(DATA),)

@@ -16,6 +16,8 @@ STAGES = {
     "compare": ("featurepipe.compare", "every classifier x feature set -> results table"),
     "predict": ("featurepipe.predict", "label image files with a saved model"),
     "verify": ("featurepipe.verify", "re-extract rows of a feature file and compare"),
+    "audit": ("featurepipe.audit", "near-duplicates, leaks, label suspects, learning curve"),
+    "report": ("featurepipe.report", "one self-contained HTML page of results and audit"),
     "finetune": ("featurepipe.finetune", "fine-tuned network as a comparison row"),
     "datasets": ("featurepipe.datasets", "download a public dataset (online only)"),
 }

@@ -34,7 +34,7 @@ def feature_sets(files, *, concat=True):
 
 
 def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
-            dask=None, force=False, concat=True, quiet=True, plots=True, finetune=()):
+            dask=None, force=False, concat=True, quiet=True, plots=True, finetune=(), report=True):
     """Fit every classifier on every feature set; write the results table and plots.
 
     Parameters
@@ -55,6 +55,8 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     finetune : list of str
         Backbones to fine-tune (``featurepipe.finetune.finetune`` on their feature file) when no
         fine-tuned model exists for them yet; their rows join the table.
+    report : bool
+        Also write ``report.html`` (``featurepipe.report``); a failure there is a warning.
 
     Returns
     -------
@@ -84,8 +86,19 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     if plots:
         plot_results(table, folder / "results.png", title=sets[0].dataset)
         plot_best_confusion(table, folder)
+    if report:
+        _write_report(files)
     mine = {(r["features"], r["clf"]) for r in rows}
     return [r for r in table if (r["features"], r["clf"]) in mine]
+
+
+def _write_report(files):
+    from .report import report
+
+    try:
+        report(files)
+    except Exception as err:  # the table is written; a report problem must not fail the run
+        warnings.warn(f"report.html not written: {err}", stacklevel=3)
 
 
 def _progress(total, quiet):
@@ -230,6 +243,8 @@ def main(argv=None):
     if rows:
         folder = models_dir_for(resolve_feature_files(args.features)[0])
         print(f"-> {folder / 'results.md'}, results.csv, results.png, confusion.png")
+        if (folder / "report.html").is_file():
+            print(f"report: {folder / 'report.html'}")
     return 0
 
 
