@@ -116,6 +116,7 @@ class Backbone:
     weights: tuple = ()
     description: str = ""
     model_path: str = None
+    architecture_in_weights: bool = False  # a whole saved model: no random-weights build
 
     @property
     def weights_source(self):
@@ -221,11 +222,24 @@ def _model_input_size(path, default=224):
     return int(shape[1]) if shape[1] is not None else default
 
 
-def build_efficientnet_lite0(weights_path, input_size):
-    if not weights_path:
-        raise UsageError("efficientnet_lite0 has no architecture without its weights file; "
-                         "pass --weights efficientnet_lite0_imagenet.keras")
-    return _load_model_file(weights_path, input_size)
+def _weights_file_model(name):
+    """A builder for networks whose architecture lives in their weights file (a whole ``.keras``)."""
+    def build(weights_path, input_size):
+        if not weights_path:
+            raise UsageError(f"{name} has no architecture without its weights file; "
+                             f"pass --weights {name}_imagenet.keras")
+        return _load_model_file(weights_path, input_size)
+
+    build.__name__ = f"build_{name}"
+    return build
+
+
+def _lite(name, input_size, sha256):
+    """EfficientNet-Lite: a whole ``.keras`` file with its top; features at ``avg_pool``."""
+    return Backbone(
+        name=name, builder=_weights_file_model(name), input_size=input_size, preprocess="lite",
+        layer="avg_pool", dim=1280, description=f"EfficientNet-Lite{name[-1]}",
+        architecture_in_weights=True, weights=(WeightsFile(f"{name}_imagenet.keras", sha256=sha256),))
 
 
 BACKBONES = {
@@ -250,11 +264,12 @@ BACKBONES = {
                  WeightsFile("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
                              url=KERAS_URL + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf"
                                              "_kernels_1.0_224_no_top.h5"))),
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0", builder=build_efficientnet_lite0, input_size=224,
-        preprocess="lite", layer="avg_pool", dim=1280, description="EfficientNet-Lite0",
-        weights=(WeightsFile("efficientnet_lite0_imagenet.keras",
-                             sha256="9f2182613c8f8557cfd9ee76195b15cf9e6f10f0921e20a6ab3d47856e8540c2"),)),
+    "efficientnet_lite0": _lite(
+        "efficientnet_lite0", 224, "9f2182613c8f8557cfd9ee76195b15cf9e6f10f0921e20a6ab3d47856e8540c2"),
+    "efficientnet_lite1": _lite(
+        "efficientnet_lite1", 240, "4d55525c1e142e4d9e3ca70c5553c852b1e1498adb3f571efc3a9555e66d60ef"),
+    "efficientnet_lite2": _lite(
+        "efficientnet_lite2", 260, "4fa9bd3ede16b137d88f97ee8438040318c5c75831d65d931f08fa3f8b431614"),
     "vgg16": Backbone(
         name="vgg16", builder=_keras_app("VGG16"), input_size=224, preprocess="caffe",
         layer="block5_pool", dim=512, description="VGG16",
@@ -514,7 +529,7 @@ def list_layers(backbone, weights="none", image_size=None):
     path = None
     if backbone.model_path:
         path = backbone.model_path
-    elif backbone.builder is build_efficientnet_lite0:
+    elif backbone.architecture_in_weights:
         path = resolve_weights(backbone, None if weights == "none" else weights).path
     model = backbone.builder(path, size)
     rows = []

@@ -7,7 +7,8 @@ from featurepipe.backbones import (BACKBONES, build_feature_model, get_backbone,
                                    preprocess, resolve_weights)
 from featurepipe.errors import UsageError
 
-KERAS_APPS = [name for name, b in BACKBONES.items() if name not in ("efficientnet_lite0",)]
+KERAS_APPS = [name for name, b in BACKBONES.items() if not b.architecture_in_weights]
+LITE = [name for name, b in BACKBONES.items() if b.architecture_in_weights]
 
 
 @pytest.mark.parametrize("name", KERAS_APPS)
@@ -129,7 +130,7 @@ def test_squeezenet_real_weights_separate_two_classes():
 
 
 @needs_shared
-def test_mobilenet_v2_and_lite0_match_their_reference_models():
+def test_mobilenet_v2_matches_its_reference_model():
     import keras
 
     from featurepipe.engines import FeatureModel
@@ -144,10 +145,24 @@ def test_mobilenet_v2_and_lite0_match_their_reference_models():
     ref = ref_model.predict(keras.applications.mobilenet_v2.preprocess_input(images.astype("float32")), verbose=0)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
-    entry = get_backbone("efficientnet_lite0")
+
+@needs_shared
+@pytest.mark.parametrize("name, size", [
+    ("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_efficientnet_lite_matches_its_model_cut_at_avg_pool(name, size):
+    import keras
+
+    from featurepipe.engines import FeatureModel
+
+    entry = get_backbone(name)
+    assert (entry.input_size, entry.layer, entry.dim) == (size, "avg_pool", 1280)
     spec, resolved = make_spec(entry)
+    assert resolved.sha256 == entry.weights[0].sha256 == backbones.file_sha256(
+        WEIGHTS / f"{name}_imagenet.keras")
+    images, _ = _flower_batch(n=1, size=size)
     ours = FeatureModel(entry, spec, resolved, engine="tf")(images)
-    full = keras.models.load_model(WEIGHTS / "efficientnet_lite0_imagenet.keras", compile=False)
+    full = keras.models.load_model(WEIGHTS / f"{name}_imagenet.keras", compile=False)
     cut = keras.Model(full.inputs, full.get_layer("avg_pool").output)
     ref = cut.predict((images.astype("float32") - 127.0) / 128.0, verbose=0)
+    assert ours.shape == (2, 1280)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
