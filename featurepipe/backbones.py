@@ -12,6 +12,7 @@ checked against the hash in its registry entry before it is loaded.
 import functools
 import hashlib
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -451,7 +452,9 @@ def get_backbone(name, *, preprocess_mode=None):
         raise UsageError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}, or file:PATH")
     entry = BACKBONES[name]
     if preprocess_mode is not None and preprocess_mode != entry.preprocess:
-        entry = replace(entry, preprocess=preprocess_mode)
+        raise UsageError(f"--preprocess {preprocess_mode} does not apply to '{name}', whose weights "
+                         f"were trained with '{entry.preprocess}'; leave --preprocess out (it is for "
+                         "file: models)")
     return entry
 
 
@@ -662,7 +665,13 @@ def build_feature_model(backbone, spec, resolved):
     import keras
 
     pooling = {"pooling": spec.pooling} if backbone.pools_inside else {}
-    base = backbone.builder(resolved.path if resolved else None, spec.image_size, **pooling)
+    try:
+        base = backbone.builder(resolved.path if resolved else None, spec.image_size, **pooling)
+    except ValueError as err:  # Keras refuses an input too small for the network
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+        reason = next((line for line in lines if line and not line.startswith("Exception encountered")),
+                      type(err).__name__)
+        raise UsageError(f"--image-size {spec.image_size} does not fit '{backbone.name}' ({reason})") from None
     base.trainable = False
     names = layer_names(spec)
     outs = [_pooled_output(base, backbone, name, spec.pooling,

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from .cli import OneLineParser, warn_line
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
+from .checks import check_at_least, check_seed
 from .errors import UsageError
-from .fit import (RESULT_COLUMNS, add_common_arguments, fit, load_feature_set, models_dir,
-                  model_stem, resolve_feature_files, results_markdown, update_results)
+from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
+from .paths import dataset_name, models_dir_for
+from .results import finetune_rows, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -59,12 +61,14 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     list of dict
         The rows of this run and the fine-tuned rows, best test accuracy first.
     """
+    check_seed(seed)
+    check_at_least(cv, 2, "--cv")
     files = resolve_feature_files(feature_files)
     clfs = list(clfs) if clfs else list(CLASSIFIERS)
     for clf in clfs:
         get_classifier(clf)  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
-    folder = models_dir(sets[0].dataset)
+    folder = models_dir_for(files[0], claim=True)
     rows = []
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
         for fs in sets:
@@ -115,23 +119,6 @@ def _finetune_missing(backbones, files, folder, *, seed, quiet):
         if not output_paths(by_backbone[backbone], folder.parent)[1].exists():
             finetune(backbone=backbone, features=by_backbone[backbone], models_dir=folder.parent,
                      seed=seed, quiet=quiet)
-
-
-def finetune_rows(folder):
-    """Rows from ``<backbone>__finetune.json`` files saved by ``featurepipe.finetune``."""
-    rows = []
-    for path in sorted(Path(folder).glob("*__finetune.json")):
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            warnings.warn(f"unreadable fine-tune result {path}", stacklevel=2)
-            continue
-        row = {c: saved.get(c) for c in RESULT_COLUMNS}
-        row.update(features=saved.get("features") or path.name.split("__")[0], clf=saved.get("clf") or "finetune",
-                   status=saved.get("status") or "ok",
-                   model=saved.get("model") or str(path.with_suffix(".keras")))
-        rows.append(row)
-    return rows
 
 
 def _float(value):
@@ -234,8 +221,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else None
-    if args.cv < 2:
-        raise UsageError(f"--cv must be >= 2, got {args.cv}")
     with warnings.catch_warnings():
         warnings.showwarning = warn_line
         rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
@@ -243,14 +228,12 @@ def main(argv=None):
                        concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
     print(results_markdown(rows), end="")
     if rows:
-        folder = models_dir(load_dataset_name(args.features))
+        folder = models_dir_for(resolve_feature_files(args.features)[0])
         print(f"-> {folder / 'results.md'}, results.csv, results.png, confusion.png")
     return 0
 
 
 def load_dataset_name(feature_files):
-    from .fit import dataset_name
-
     return dataset_name(resolve_feature_files(feature_files)[0])
 
 

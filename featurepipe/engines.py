@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import PREPROCESS, build_feature_model, import_tensorflow
+from .backbones import PREPROCESS, build_feature_model, file_digest, import_tensorflow
 from .errors import FeaturepipeError, UsageError
+from .paths import cache_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -48,11 +49,6 @@ TRIAL_ROUNDS = 5                  # timed batches per engine (after one warm-up 
 TF_MARGIN = 1.05
 # bump when an engine's speed changes, so auto re-times the engines instead of trusting old choices
 TRIAL_VERSION = 2
-
-
-def cache_dir():
-    """The folder for converted models and engine choices (``$FEATUREPIPE_CACHE`` or ~/.cache/featurepipe)."""
-    return Path(os.environ.get("FEATUREPIPE_CACHE") or Path.home() / ".cache" / "featurepipe")
 
 
 def pixel_model(backbone, spec, resolved):
@@ -224,9 +220,26 @@ def cached_tflite(model, spec):
     path = tflite_path(spec)
     if path is None:
         return None, convert_to_tflite(ModelSource.wrap(model).get())
-    if not path.is_file():
-        _write_atomic(path, convert_to_tflite(ModelSource.wrap(model).get()))
+    if not _intact(path):
+        if path.exists():
+            warnings.warn(f"the cached LiteRT model '{path}' is not the one featurepipe converted "
+                          "(its sha256 differs from the one recorded); converting it again", stacklevel=3)
+        content = convert_to_tflite(ModelSource.wrap(model).get())
+        _write_atomic(path, content)
+        _write_atomic(_digest_path(path), hashlib.sha256(content).hexdigest().encode())
     return path, None
+
+
+def _digest_path(path):
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path):
+    """True when ``path`` holds the bytes whose sha256 was recorded when it was converted."""
+    try:
+        return file_digest(path) == _digest_path(path).read_text().strip()
+    except OSError:
+        return False
 
 
 _STDERR_LOCK = threading.Lock()
@@ -482,6 +495,8 @@ def choose_engine(model, spec):
         return ENGINES[record["engine"]].make(source, spec)
     try:
         candidates = {"tf": TFEngine(source, spec), "litert": LiteRTEngine(source, spec)}
+    except UsageError:  # a wrong argument (--layer, --image-size): not a reason to try another engine
+        raise
     except FeaturepipeError as err:
         warnings.warn(f"{err}; using the tf engine", stacklevel=2)
         return TFEngine(source, spec)

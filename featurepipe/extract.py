@@ -28,31 +28,18 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
                         import_tensorflow, list_layers, make_spec)
+from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
+                     check_workers)
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
-from .store import FeatureFileWriter, load, load_part, save_part, write_json_atomic
+from .paths import default_out_dir, is_inside, latest_pointer
+from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 
 DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
 DECODE_TIMEOUT = 120.0
-
-
-def data_home():
-    """The folder for datasets and feature files (``$FEATUREPIPE_DATA`` or ``./data``)."""
-    return Path(os.environ.get("FEATUREPIPE_DATA", "data"))
-
-
-def default_out_dir(data):
-    """``data/features/<name of the data folder or CSV>``."""
-    data = Path(data)
-    name = data.stem if data.is_file() else data.resolve().name
-    return data_home() / "features" / name
-
-
-def latest_pointer():
-    """The file naming the feature files of the most recent extract run."""
-    return data_home() / "features" / "latest.json"
+TIMEOUT_REASON = "decoding took longer than"  # such skips are retried by the next run
 
 
 @dataclass(frozen=True)
@@ -69,10 +56,13 @@ class ExtractResult:
     duplicate_groups: int
     duplicate_leaks: int
     newly_skipped: tuple = ()
+    n_resumed: int = 0  # rows of n_extracted computed by an earlier, interrupted run (its parts)
 
     def summary(self, max_listed=10):
-        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-        line = (f"{self.path.name}: {self.n_rows} images ({self.n_extracted} extracted, "
+        computed = self.n_extracted - self.n_resumed
+        rate = computed / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", {self.n_resumed} from an interrupted run" if self.n_resumed else ""
+        line = (f"{self.path.name}: {self.n_rows} images ({computed} extracted{resumed}, "
                 f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
                 f"{rate:.1f} img/s -> {self.path}")
         for rel, reason in self.newly_skipped[:max_listed]:
@@ -133,8 +123,10 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     opts = Options(**options)
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
-    index = list_images(data)
     out_dir = Path(out) if out is not None else default_out_dir(data)
+    _check_outside_input(data, out_dir, explicit=out is not None)
+    index = list_images(data)
+    _check_same_dataset(out_dir, index.root)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _dask_session(opts.dask):
         results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
@@ -144,15 +136,40 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     return results
 
 
+def _check_outside_input(data, out_dir, *, explicit):
+    """Outputs are never written inside an image folder: the next run would list them as a class."""
+    data = Path(data)
+    if data.is_dir() and is_inside(out_dir, data):
+        where = "--out" if explicit else f"the default output folder (FEATUREPIPE_DATA/features = {out_dir.parent})"
+        raise UsageError(f"{where} '{out_dir}' is inside the image folder '{data}'; pass --out DIR "
+                         "outside it")
+
+
+def _check_same_dataset(out_dir, root):
+    """Feature files of two data sets never share a folder (same folder name, other place)."""
+    from .store import read_attrs
+
+    for path in sorted(Path(out_dir).glob("*.h5")):
+        try:
+            other = str(read_attrs(path).get("data_root", ""))
+        except OSError:
+            continue  # not a feature file: extending it fails later with its own message
+        if other and other != str(root):
+            raise UsageError(f"'{out_dir}' holds the features of another data set ('{other}', in "
+                             f"{path.name}), not '{root}'; pass --out DIR to keep both")
+
+
 def _validate(opts, backbones):
     if not backbones:
         raise UsageError("no backbone given; pass --backbone NAME (see --list-backbones)")
     if len(set(backbones)) != len(backbones):
         raise UsageError("a backbone is named twice in --backbone")
-    if opts.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    if opts.image_size is not None and opts.image_size < 8:
-        raise UsageError(f"--image-size must be >= 8, got {opts.image_size}")
+    check_at_least(opts.batch_size, 1, "--batch-size")
+    check_image_size(opts.image_size)
+    check_workers(opts.workers)
+    check_seed(opts.seed)
+    check_at_least(opts.chunk_size, 1, "chunk_size")
+    check_at_least(opts.verify, 0, "verify")
     if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
         raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
                          f"(got {opts.test_size} and {opts.val_size})")
@@ -211,13 +228,25 @@ def _extract_backbone(index, name, out_dir, opts):
         plan = _plan(index, old, out_dir, path, opts)
         model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
         parts_dir = path.with_name(f".{path.stem}.parts")
-        extracted, new_skipped = _run_chunks(index, plan, model, spec, parts_dir, opts)
-        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started)
+        _remove_leftovers(path, parts_dir)
+        extracted, new_skipped, n_resumed = _run_chunks(index, plan, model, spec, parts_dir, opts)
+        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started,
+                           n_resumed)
         shutil.rmtree(parts_dir, ignore_errors=True)
     if not opts.quiet:
         print(result.summary(), file=sys.stderr)
     _verify_written(result.path, spec, opts)
     return result
+
+
+def _remove_leftovers(path, parts_dir):
+    """Temporary files of writers killed before they could rename them (we hold the lock)."""
+    removed = remove_stale_temps(path.parent, f".{path.name}")
+    if parts_dir.is_dir():
+        removed += remove_stale_temps(parts_dir)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
+                      f"{removed[0]}", stacklevel=3)
 
 
 def _verify_written(path, spec, opts):
@@ -284,7 +313,8 @@ def _plan(index, old, out_dir, path, opts):
             if _same_content(index.absolute(rel), old.sha1[row]):
                 keep[pos], refreshed[pos] = row, stat
                 continue
-        if stat is not None and rel in old_skips and old_skips[rel][1:] == stat:
+        if (stat is not None and rel in old_skips and old_skips[rel][1:] == stat
+                and not old_skips[rel][0].startswith(TIMEOUT_REASON)):  # a timeout may not recur: retried
             keep_skipped[pos] = old_skips[rel]
             continue
         pending.append(pos)
@@ -365,7 +395,7 @@ def _result_within(future, clock, timeout):
         except FuturesTimeout:
             if "decoded" not in clock and (clock.get("started") is None
                                            or time.monotonic() - clock["started"] >= timeout):
-                return ImageError(f"decoding took longer than {timeout:.0f} s")
+                return ImageError(f"{TIMEOUT_REASON} {timeout:.0f} s")
 
 
 def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
@@ -418,15 +448,16 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
     chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
     _prepare_parts_dir(parts_dir, spec)
-    todo = [(name, members) for name, members in chunks
-            if load_part(parts_dir / name, keys=("positions",)) is None]
+    done = {name: load_part(parts_dir / name, keys=("positions",)) for name, _ in chunks}
+    todo = [(name, members) for name, members in chunks if done[name] is None]
+    n_resumed = sum(len(part["positions"]) for part in done.values() if part is not None)
     bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
     bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
     if not todo:  # every chunk is on disk: no engine to build (nor to record in the file)
         bar.close()
-        return _collect([parts_dir / name for name, _ in chunks])
+        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
     if opts.dask is not None:
-        return _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
+        return (*_run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar), n_resumed)
     work = [p for _, members in todo for p in members]
     # Per-image engines run the network in the decode threads; batch engines in this thread.
     featurize = _stacked_features if model.per_image else model
@@ -439,7 +470,7 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     finally:
         stream.close()
         bar.close()
-    return _collect([parts_dir / name for name, _ in chunks])
+    return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
 
 
 def _dask_session(address):
@@ -529,7 +560,7 @@ def _collect(part_files):
     return with_rows, skipped
 
 
-def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started):
+def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed=0):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
     part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
     good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
@@ -560,7 +591,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks,
+                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks, n_resumed=n_resumed,
                          newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
 
 
@@ -633,7 +664,19 @@ def _engine_attr(model, old):
     names = {model.engine.name} if model._engine is not None else set()  # no engine: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
-    return "+".join(sorted(names)) or model.engine_name
+    return "+".join(sorted(names)) or _engine_without_building(model)
+
+
+def _engine_without_building(model):
+    """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
+    from .engines import litert_available, remembered_choice
+
+    if model.engine_name != "auto":
+        return model.engine_name
+    if not litert_available():
+        return "tf"
+    record = remembered_choice(model.spec) or {}
+    return record.get("engine") or model.engine.name
 
 
 def _attrs(index, spec, model, opts, dim, old, now):
@@ -670,11 +713,12 @@ def build_parser():
     p.add_argument("--out", help="output folder (default data/features/<name of DATA>)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}: the fastest measured)")
-    p.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's)")
+    p.add_argument("--image-size", type=int,
+                   help=f"input size in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default: the backbone's)")
     p.add_argument("--layer", help="an inner layer instead of the default (see --list-layers)")
     p.add_argument("--pooling", choices=POOLING_MODES, default="avg", help="global pooling of a spatial map")
     p.add_argument("--weights", help="weights file (default: $FEATUREPIPE_WEIGHTS, Keras cache, download)")
-    p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models")
+    p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models (a registry backbone accepts only its own)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                    help="stretch: whole image resized, no crop (default); crop: centre crop; pad: letterbox")
     p.add_argument("--augment", choices=("none", "flip"), default="none",
@@ -686,7 +730,8 @@ def build_parser():
                    help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
                         "one on this machine, remembered; tf without LiteRT)")
     p.add_argument("--workers", type=int,
-                   help="image decoding threads (with the litert engine each also runs the network: default one per core)")
+                   help="image decoding threads, >= 1 (with the litert engine each also runs the network; "
+                        "default one per core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "

@@ -8,7 +8,6 @@ L2-normalised too, so predict always applies the same transform). The model is s
 metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 """
 
-import csv
 import hashlib
 import json
 import math
@@ -18,7 +17,6 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,32 +27,17 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
+from .checks import check_at_least, check_seed
+from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
-from .extract import latest_pointer
+from .paths import dataset_name, latest_pointer, models_dir_for
+from .results import RESULT_COLUMNS, update_results
 from .store import load, write_json_atomic
 
 MODEL_FORMAT = "featurepipe-model/1"
-RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
-                  "fit_seconds", "predict_ms_per_image", "best_params", "status",
-                  "convergence_warnings", "n_train", "n_test", "model", "key")
 
 
 # --------------------------------------------------------------------------- places
-
-
-def models_home():
-    """The models root: ``$FEATUREPIPE_MODELS`` or ``./models``."""
-    return Path(os.environ.get("FEATUREPIPE_MODELS", "models"))
-
-
-def dataset_name(feature_file):
-    """The dataset a feature file belongs to: its folder's name (``data/features/<dataset>/x.h5``)."""
-    return Path(feature_file).resolve().parent.name
-
-
-def models_dir(dataset):
-    """``models/<dataset>/`` (not created)."""
-    return models_home() / dataset
 
 
 def model_stem(features, clf):
@@ -126,12 +109,14 @@ def load_feature_set(feature_files):
     """Load and join feature files by path.
 
     Raises DataError for files with different class names, rows whose split differs between
-    files, or no paths in common.
+    files, NaN or infinite features, or no paths in common.
     """
     files = [Path(f) for f in feature_files]
     if len({f.resolve() for f in files}) != len(files):
         raise UsageError("a feature file is named twice in --features")
     loaded = [load(f) for f in files]
+    for f in loaded:
+        _check_finite(f)
     first = loaded[0]
     for f in loaded[1:]:
         if f.class_names != first.class_names:
@@ -160,6 +145,15 @@ def load_feature_set(feature_files):
                       paths=np.asarray(paths, dtype=object), split=aligned[0].split,
                       class_names=list(first.class_names), blocks=blocks,
                       n_dropped=len(union) - len(common))
+
+
+def _check_finite(features):
+    """NaN or infinite features (a damaged or foreign file) would fail deep inside scikit-learn."""
+    bad = np.flatnonzero(~np.isfinite(features.X).all(axis=1))
+    if len(bad):
+        raise DataError(f"'{features.source}' has {len(bad)} rows with NaN or infinite features, e.g. "
+                        f"{features.paths[bad[0]]}; extract it again (python -m featurepipe.extract "
+                        "... --overwrite)")
 
 
 # --------------------------------------------------------------------------- results
@@ -202,73 +196,6 @@ class FitResult:
                 f"({self.fit_seconds:.1f} s) best: {self.best_params or '(defaults)'}")
 
 
-def read_results(folder):
-    """Rows of ``folder/results.csv`` as dicts of strings (empty when absent)."""
-    path = Path(folder) / "results.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def update_results(folder, rows):
-    """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
-
-    Returns the table's rows, best test accuracy first.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    table = {(r["features"], r["clf"]): r for r in read_results(folder)}
-    for r in rows:
-        table[(str(r["features"]), str(r["clf"]))] = {c: _cell(r.get(c, "")) for c in RESULT_COLUMNS}
-    ordered = sorted(table.values(), key=lambda r: -np.nan_to_num(_number(r.get("test_accuracy")), nan=-1))
-    tmp = folder / f".results.csv.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
-    os.replace(tmp, folder / "results.csv")
-    (folder / "results.md").write_text(results_markdown(ordered))
-    return ordered
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def results_markdown(rows):
-    """A Markdown table of result rows (dicts), in the given order."""
-    lines = ["| features | clf | CV accuracy | test accuracy | test macro-F1 | fit s | predict ms/img | best params | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cv = (f"{_number(r['cv_mean']):.4f} ± {_number(r['cv_std']):.4f}"
-              if not math.isnan(_number(r.get("cv_mean"))) else "–")
-        lines.append("| " + " | ".join([
-            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_macro_f1"), 4),
-            _fmt(r.get("fit_seconds"), 1), _fmt(r.get("predict_ms_per_image"), 3),
-            str(r.get("best_params", "")).replace("|", "\\|"),
-            str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)"
-                                        if r.get("convergence_warnings") not in ("", "0", 0, None) else ""),
-        ]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value, digits):
-    v = _number(value)
-    return "–" if math.isnan(v) else f"{v:.{digits}f}"
-
-
 # --------------------------------------------------------------------------- fitting
 
 
@@ -307,6 +234,8 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     """
     if max_seconds is not None and not max_seconds > 0:
         raise UsageError(f"--max-seconds must be > 0, got {max_seconds}")
+    check_seed(seed)
+    check_at_least(cv, 2, "--cv")
     files = resolve_feature_files(feature_files) if feature_set is None else [Path(b["file"]) for b in feature_set.blocks]
     fs = feature_set if feature_set is not None else load_feature_set(files)
     spec = get_classifier(clf)
@@ -317,7 +246,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
     key = row_key(files, spec.name, pipeline, grid, folds, seed)
-    folder = models_dir(fs.dataset)
+    folder = models_dir_for(files[0], claim=save)
     stem = model_stem(fs.name, spec.name)
     if reuse:
         old = _reusable(folder, stem, key)
@@ -419,7 +348,7 @@ def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
 
 def _joblib_backend(dask):
     if not dask:
-        return nullcontext()
+        return loky_workers_die_with_parent()
     from .distributed import joblib_backend  # only when --dask is given
 
     return joblib_backend(dask)
@@ -429,7 +358,8 @@ class _TimedOut(Exception):
     pass
 
 
-def _child(conn, func, kwargs):
+def _child(conn, func, kwargs, parent_pid):
+    die_with_parent(parent_pid)
     try:
         conn.send(("ok", func(**kwargs)))
     except BaseException as err:  # send any failure back to the parent
@@ -444,7 +374,7 @@ def _run_limited(func, kwargs, seconds):
         return func(**kwargs)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, func, kwargs), daemon=False)
+    proc = ctx.Process(target=_child, args=(send, func, kwargs, os.getpid()), daemon=False)
     proc.start()
     send.close()
     try:

@@ -70,13 +70,26 @@ def is_image_file(name):
 def _walk_images(folder):
     """Sorted image files below ``folder`` (recursive, hidden files and folders skipped)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_warn_unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         # Regular files (and symlinks, a broken one is then recorded as skipped): a FIFO or
         # device named .jpg would block the reader forever.
         found.extend(Path(dirpath) / f for f in filenames if is_image_file(f) and (
             os.path.isfile(os.path.join(dirpath, f)) or os.path.islink(os.path.join(dirpath, f))))
     return sorted(found)
+
+
+def _warn_unreadable(err):
+    warnings.warn(f"cannot read folder '{err.filename}' ({err.strerror}): its images are left out",
+                  stacklevel=2)
+
+
+def _warn_loose_images(folder):
+    """Images lying next to class folders belong to no class: say so instead of dropping them silently."""
+    loose = sorted(p.name for p in Path(folder).iterdir() if p.is_file() and is_image_file(p.name))
+    if loose:
+        warnings.warn(f"{len(loose)} images lie directly in '{folder}', outside any class folder, "
+                      f"and are left out (e.g. {loose[0]}); move them into a class folder", stacklevel=3)
 
 
 def _subfolders(folder):
@@ -116,8 +129,10 @@ def _index_from_folders(root):
     root = root.resolve()
     entries = []  # (rel_path, class_name, split or None)
     class_folders = {}
+    _warn_loose_images(root)
     if _has_split_level(root):
         for split_dir in _subfolders(root):
+            _warn_loose_images(split_dir)
             split = SPLIT_ALIASES[split_dir.name.lower()]
             for class_dir in _subfolders(split_dir):
                 class_folders.setdefault(class_dir.name, []).append(class_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import OneLineParser, warn_line
+from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
 from .images import is_image_file
@@ -113,6 +114,8 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
     """Like ``predict`` but yields Predictions as batches finish."""
     if min_prob is not None and not 0 <= min_prob <= 1:
         raise UsageError(f"--min-prob must be in [0, 1], got {min_prob}")
+    check_at_least(batch_size, 1, "--batch-size")
+    check_workers(workers)
     paths = expand_images(images)
     if not paths:
         raise UsageError("no image files given (files or folders of .jpg/.png/...)")
@@ -185,11 +188,19 @@ def build_parser():
     return p
 
 
+def _open_csv(path):
+    if not Path(path).parent.is_dir():
+        raise UsageError(f"--csv {path}: folder '{Path(path).parent}' does not exist; create it or "
+                         "pass a file in an existing folder")
+    try:
+        return open(path, "w", newline="")
+    except OSError as err:
+        raise UsageError(f"--csv {path}: cannot write it ({err.strerror})") from None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = open(args.csv, "w", newline="") if args.csv else None
+    out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
     try:
         writer = csv.writer(out) if out else None

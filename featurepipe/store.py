@@ -20,8 +20,12 @@ A file is only ever written under a temporary name and renamed into place when c
 reader never sees a half-written file, whatever happens to the writer.
 """
 
+import errno
 import json
 import os
+import re
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,17 +169,90 @@ def iter_feature_blocks(path, rows, block=4096):
             yield idx, ds[lo:hi][idx - lo]
 
 
+_TMP_PID = re.compile(r"\.tmp-(\d+)")
+ROW_BYTES = 256  # a generous bound on a row's bytes besides its features (path, hashes, stats)
+
+
+class DiskFullError(DataError):
+    """No space left on the device holding an output folder."""
+
+
+def _is_disk_full(err):
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err)
+
+
+def _disk_full(folder):
+    return DiskFullError(f"no space left on the device of '{folder}': free some space or pass --out "
+                         "a folder on another disk, then run the same command again (finished work is kept)")
+
+
+@contextmanager
+def disk_full_is_an_error(folder, *, cleanup=None):
+    """Turn an out-of-space OSError into one ``DiskFullError`` naming ``folder``; call ``cleanup`` first."""
+    try:
+        yield
+    except OSError as err:
+        if not _is_disk_full(err):
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise _disk_full(folder) from None
+
+
+def check_free_space(folder, needed):
+    """DiskFullError when the device of ``folder`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(f"the feature file needs about {needed / 1e6:.0f} MB but only "
+                            f"{free / 1e6:.0f} MB are free on the device of '{folder}': free some "
+                            "space or pass --out a folder on another disk (finished work is kept)")
+
+
+def remove_stale_temps(folder, prefix=""):
+    """Delete the ``<prefix>*.tmp-<pid>*`` files in ``folder`` left by processes that are gone
+    (a writer killed with ``kill -9``); return their names."""
+    removed = []
+    for path in sorted(Path(folder).glob(f"{prefix}*.tmp-*")):
+        found = _TMP_PID.search(path.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
 class FeatureFileWriter:
     """Write a complete feature file under a temporary name, then rename it into place.
 
     Rows are written by position, so the caller can fill them from several sources (rows kept
-    from an older file, newly extracted parts) in any order while memory stays flat.
+    from an older file, newly extracted parts) in any order while memory stays flat. The free
+    space is checked first; running out of space anyway removes the temporary file and raises
+    ``DiskFullError`` (the old file, if any, is untouched).
     """
 
     def __init__(self, path, *, n_rows, dim, class_names, attrs):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.n_rows = n_rows
+        check_free_space(self.path.parent, n_rows * (4 * dim + ROW_BYTES) + (1 << 20))
+        self.file = None
+        with self._space():
+            self._create(n_rows, dim, class_names, attrs)
+
+    def _space(self):
+        return disk_full_is_an_error(self.path.parent, cleanup=self.abort)
+
+    def _create(self, n_rows, dim, class_names, attrs):
         self.file = h5py.File(self.tmp_path, "w")
         f = self.file
         chunk_rows = max(1, min(n_rows or 1, (1 << 20) // max(4 * dim, 1)))
@@ -190,10 +267,15 @@ class FeatureFileWriter:
         for key, value in attrs.items():
             f.attrs[key] = value if value is not None else ""
 
-    def write_rows(self, positions, *, features, labels, paths, split, file_size, mtime_ns, sha1):
-        """Write rows at ``positions`` (sorted, increasing)."""
+    def write_rows(self, positions, **columns):
+        """Write rows at ``positions`` (sorted, increasing): features, labels, paths, split,
+        file_size, mtime_ns, sha1."""
         if len(positions) == 0:
             return
+        with self._space():
+            self._write_rows(positions, **columns)
+
+    def _write_rows(self, positions, *, features, labels, paths, split, file_size, mtime_ns, sha1):
         positions = np.asarray(positions, dtype=np.int64)
         f = self.file
         contiguous = positions[-1] - positions[0] + 1 == len(positions)
@@ -208,6 +290,10 @@ class FeatureFileWriter:
 
     def write_skipped(self, skipped):
         """``skipped``: list of (path, reason, file_size, mtime_ns)."""
+        with self._space():
+            self._write_skipped(skipped)
+
+    def _write_skipped(self, skipped):
         names = np.array([[p, r] for p, r, _, _ in skipped], dtype=object).reshape(-1, 2)
         stats = np.array([[s, m] for _, _, s, m in skipped], dtype=np.int64).reshape(-1, 2)
         self.file.create_dataset("skipped", data=names, dtype=STR)
@@ -215,11 +301,16 @@ class FeatureFileWriter:
         self.file.create_dataset("skipped_stat", data=stats, dtype="i8")
 
     def set_attrs(self, **attrs):
-        for key, value in attrs.items():
-            self.file.attrs[key] = value
+        with self._space():
+            for key, value in attrs.items():
+                self.file.attrs[key] = value
 
     def commit(self):
         """Close and atomically replace the destination."""
+        with self._space():
+            self._commit()
+
+    def _commit(self):
         self.file.flush()
         self.file.close()
         fd = os.open(self.tmp_path, os.O_RDONLY)
@@ -230,8 +321,12 @@ class FeatureFileWriter:
         os.replace(self.tmp_path, self.path)
 
     def abort(self):
+        """Close and remove the temporary file (the destination is untouched)."""
         try:
-            self.file.close()
+            if self.file is not None and self.file.id.valid:
+                self.file.close()
+        except Exception:  # closing a file whose writes failed may fail again; it is removed anyway
+            pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
@@ -243,11 +338,14 @@ def save_part(path, **arrays):
     """Atomically write one finished chunk of work (an .npz) so a killed run can resume."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with disk_full_is_an_error(path.parent), open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_part(path, keys=None):
@@ -263,5 +361,9 @@ def load_part(path, keys=None):
 def write_json_atomic(path, obj):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        with disk_full_is_an_error(path.parent):
+            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import OneLineParser
+from .checks import check_at_least, check_seed, check_tolerance
 from .engines import feature_model_from_attrs
 from .errors import DataError, ImageError, UsageError
 from .images import load_image
@@ -109,6 +110,10 @@ def verify(path, *, sample=32, seed=0, data=None, weights=None, tolerance=DEFAUL
     -------
     VerifyResult
     """
+    check_at_least(sample, 0, "--sample")
+    check_seed(seed)
+    check_tolerance(tolerance)
+    check_at_least(batch_size, 1, "--batch-size")
     path = Path(path)
     f = load(path, features=False)
     attrs = f.attrs
@@ -177,8 +182,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.sample < 0:
-        raise UsageError(f"--sample must be >= 0, got {args.sample}")
     result = verify(args.file, sample=args.sample, seed=args.seed, data=args.data,
                     weights=args.weights, tolerance=args.tolerance)
     for mismatch in result.mismatches:

@@ -85,10 +85,8 @@ def test_litert_conversion_is_cached_and_reused(tiny_model_path, tmp_path, monke
 
     monkeypatch.setattr(engines, "convert_to_tflite", fail)
     monkeypatch.setattr(engines, "build_feature_model", fail)  # a cached model needs no Keras model
-    start = time.perf_counter()
     second = tiny_feature_model(tiny_model_path, "litert")
     got = second(images)
-    assert time.perf_counter() - start < 1.0
     np.testing.assert_array_equal(got, expected)
     # other settings are another cache entry
     assert tflite_path(tiny_feature_model(tiny_model_path, "litert", pooling="max").spec) != path

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_dataset, make_image
 from featurepipe import finetune as ft
 from featurepipe.cli import run_main
+from featurepipe.errors import UsageError
 from featurepipe.extract import extract
 from featurepipe.images import load_image
 from featurepipe.store import load
@@ -54,7 +55,7 @@ def _weights(model, name):
 
 
 def _base_layer(model, name):
-    return {layer.name: layer for layer in ft._flat_layers(ft.base_of(model))}[name]
+    return {layer.name: layer for layer in ft.model.flat_layers(ft.base_of(model))}[name]
 
 
 def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tmp_path):
@@ -65,7 +66,7 @@ def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tm
 
         def on_epoch_end(self, epoch, logs=None):
             self.weights[epoch] = {l.name: [np.array(w) for w in l.get_weights()]
-                                   for l in ft._flat_layers(ft.base_of(self.model))}
+                                   for l in ft.model.flat_layers(ft.base_of(self.model))}
 
     result = ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, epochs=2,
                          patience=5, models_dir=tmp_path / "models", callbacks=[Snapshot()], **FAST)
@@ -84,7 +85,7 @@ def test_both_stages_train_only_the_chosen_layers(bn_model_path, bn_features, tm
     assert not (tmp_path / "models" / "colors" / ".tiny_bn__finetune.work").exists()
 
     model = keras.models.load_model(result.model_path)
-    trainable = sorted(layer.name for layer in ft._flat_layers(ft.base_of(model))
+    trainable = sorted(layer.name for layer in ft.model.flat_layers(ft.base_of(model))
                        if layer.trainable_weights)
     assert trainable == ["conv_b"]  # default: from the topmost conv; bn_b stays frozen
     assert not _base_layer(model, "bn_b").trainable and not _base_layer(model, "bn_a").trainable
@@ -109,7 +110,7 @@ def test_cached_head_equals_head_on_live_base(bn_model_path, bn_features, tmp_pa
     result = ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, epochs=0,
                          unfreeze="conv_a", models_dir=tmp_path, **FAST)
     model = keras.models.load_model(result.model_path)
-    trainable = sorted(l.name for l in ft._flat_layers(ft.base_of(model)) if l.trainable_weights)
+    trainable = sorted(l.name for l in ft.model.flat_layers(ft.base_of(model)) if l.trainable_weights)
     assert trainable == ["conv_a", "conv_b"]  # a named layer and everything above it
     feats = load(bn_features).subset("test")
     root = feats.attrs["data_root"]
@@ -120,9 +121,9 @@ def test_cached_head_equals_head_on_live_base(bn_model_path, bn_features, tmp_pa
     np.testing.assert_allclose(live, cached, atol=1e-5)
     assert result.test_accuracy == pytest.approx(np.mean(cached.argmax(1) == feats.y))
 
-    fmodel = ft._feature_model(load(bn_features).attrs, None)
-    assert ft._resolve_unfreeze(2, fmodel) == (2, "top 2 layers")
-    with pytest.raises(ft.UsageError, match="no layer named 'nope'"):
+    fmodel = ft.model.feature_model_of(load(bn_features).attrs, None)
+    assert ft.model.resolve_unfreeze(2, fmodel) == (2, "top 2 layers")
+    with pytest.raises(UsageError, match="no layer named 'nope'"):
         ft.finetune(backbone=f"file:{bn_model_path}", features=bn_features, unfreeze="nope",
                     models_dir=tmp_path, **FAST)
 
@@ -173,7 +174,7 @@ def test_preprocess_layer_matches_numpy():
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
     for mode in PREPROCESS:
-        layer = ft._preprocess_layer(mode)
+        layer = ft.model._preprocess_layer(mode)
         np.testing.assert_allclose(np.asarray(layer(x)), preprocess(x, mode), rtol=1e-5, atol=1e-4)
 
 

@@ -1,0 +1,144 @@
+"""The results table: one row per (features, classifier), in ``models/<dataset>/results.csv`` and
+``results.md``. Every writer (fit, compare, finetune) goes through ``update_results``.
+
+Concurrent writers are safe: the update holds an exclusive lock on ``results.csv.lock`` while it
+reads the current table, merges its rows in and writes both files under temporary names renamed
+into place, so no writer's rows are lost and a reader never sees a half-written file.
+
+To add a column, append it to ``RESULT_COLUMNS`` (old tables read it as empty).
+"""
+
+import csv
+import fcntl
+import json
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
+                  "fit_seconds", "predict_ms_per_image", "best_params", "status",
+                  "convergence_warnings", "n_train", "n_test", "model", "key")
+ROW_KEY = ("features", "clf")
+
+
+def read_results(folder):
+    """Rows of ``folder/results.csv`` as dicts of strings, one key per column (empty when absent)."""
+    path = Path(folder) / "results.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{c: r.get(c) or "" for c in RESULT_COLUMNS} for r in csv.DictReader(fh)]
+
+
+def saved_row(saved, path):
+    """The table row of a result saved as JSON (``<features>__<clf>.json``) at ``path``."""
+    row = {c: saved.get(c) for c in RESULT_COLUMNS}
+    row.update(features=saved.get("features") or Path(path).name.split("__")[0],
+               clf=saved.get("clf") or "finetune", status=saved.get("status") or "ok",
+               model=saved.get("model") or str(Path(path).with_suffix(".keras")))
+    return row
+
+
+def finetune_rows(folder):
+    """Rows from the ``<backbone>__finetune.json`` files saved by ``featurepipe.finetune``."""
+    rows = []
+    for path in sorted(Path(folder).glob("*__finetune.json")):
+        try:
+            rows.append(saved_row(json.loads(path.read_text()), path))
+        except (OSError, ValueError):
+            warnings.warn(f"unreadable fine-tune result {path}", stacklevel=2)
+    return rows
+
+
+def update_results(folder, rows):
+    """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
+
+    Returns the table's rows, best test accuracy first.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / ".results.csv.lock"):
+        table = {_key(r): r for r in read_results(folder)}
+        for r in rows:
+            table[_key(r)] = {c: cell(r.get(c, "")) for c in RESULT_COLUMNS}
+        ordered = sorted(table.values(), key=_accuracy_order)
+        _write_atomic(folder / "results.csv", lambda fh: _write_csv(fh, ordered))
+        _write_atomic(folder / "results.md", lambda fh: fh.write(results_markdown(ordered)))
+    return ordered
+
+
+@contextmanager
+def _locked(path):
+    """An exclusive lock held by this process (released by the OS if it dies)."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _key(row):
+    return tuple(str(row[k]) for k in ROW_KEY)
+
+
+def _accuracy_order(row):
+    value = number(row.get("test_accuracy"))
+    return -(value if not math.isnan(value) else -1.0)
+
+
+def _write_csv(fh, rows):
+    writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _write_atomic(path, write):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def number(value):
+    """``float(value)``, nan when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def cell(value):
+    """A table cell: floats to 6 significant digits, None and nan empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _fmt(value, digits):
+    v = number(value)
+    return "–" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def results_markdown(rows):
+    """A Markdown table of result rows (dicts), in the given order."""
+    lines = ["| features | clf | CV accuracy | test accuracy | test macro-F1 | fit s | predict ms/img | best params | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cv = (f"{number(r['cv_mean']):.4f} ± {number(r['cv_std']):.4f}"
+              if not math.isnan(number(r.get("cv_mean"))) else "–")
+        warned = r.get("convergence_warnings") not in ("", "0", 0, None)
+        lines.append("| " + " | ".join([
+            r["features"], r["clf"], cv, _fmt(r.get("test_accuracy"), 4), _fmt(r.get("test_macro_f1"), 4),
+            _fmt(r.get("fit_seconds"), 1), _fmt(r.get("predict_ms_per_image"), 3),
+            str(r.get("best_params", "")).replace("|", "\\|"),
+            str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)" if warned else ""),
+        ]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Grid-search worker processes die with a killed fit/compare (no orphans working for minutes)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+
+SCRIPT = """
+import numpy as np
+from sklearn.pipeline import make_pipeline
+from featurepipe.fit import search
+from slow_estimator import MarkedSlowClassifier
+X = np.random.default_rng(0).normal(size=(40, 3)); y = np.arange(40) % 2
+search(X=X, y=y, pipeline=make_pipeline(MarkedSlowClassifier()), grid={"markedslowclassifier__C": [1, 2]},
+       cv=2, n_jobs=2, seed=0)
+"""
+
+
+def _wait_for_markers(folder, n, proc):
+    import time
+
+    deadline = time.monotonic() + 240  # a bound so a broken run cannot hang the suite
+    while len(list(folder.iterdir())) < n:
+        assert proc.poll() is None, "the search ended before its workers started"
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.2)
+    return [int(p.name) for p in folder.iterdir()]
+
+
+def test_loky_workers_die_with_a_killed_search(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SLOW_MARKERS=str(markers),
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env)
+    try:
+        pids = _wait_for_markers(markers, 2, proc)
+        workers = [psutil.Process(pid) for pid in pids if pid != proc.pid]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers outlived the killed search: {alive}"
+    finally:
+        proc.kill()
+        for pid in [int(p.name) for p in markers.iterdir()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_die_with_parent_kills_a_child_whose_parent_is_already_gone():
+    code = "import os; from featurepipe.children import die_with_parent; die_with_parent(os.getppid() + 10**8); print('alive')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.returncode == -signal.SIGKILL and "alive" not in out.stdout
