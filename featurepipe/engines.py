@@ -350,7 +350,8 @@ class LiteRTEngine:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="featurepipe-litert")
                 weakref.finalize(self, self._pool.shutdown, wait=False)
-            slices = list(self._pool.map(self._run_images, np.array_split(batch, min(self.parallel, len(batch)))))
+            parts = np.array_split(batch, min(self.parallel, len(batch)))
+            slices = list(self._pool.map(self._run_images, parts))
             if isinstance(slices[0], list):
                 return [np.concatenate(parts) for parts in zip(*slices)]
             return np.concatenate(slices)
@@ -558,7 +559,7 @@ class FeatureModel:
         features = self.engine.run(images)
         if self.spec.augment == "flip":
             features = _mean(features, self.engine.run(np.ascontiguousarray(images[:, :, ::-1])))
-        return _float32(features)
+        return self._per_layer(_float32(features))
 
     @property
     def per_image(self):
@@ -572,7 +573,14 @@ class FeatureModel:
         features = self.engine.run_one(image)
         if self.spec.augment == "flip":
             features = _mean(features, self.engine.run_one(np.ascontiguousarray(image[:, ::-1])))
-        return _float32(features)
+        return self._per_layer(_float32(features))
+
+    def _per_layer(self, features):
+        """A list for every multi-layer spec, even of one layer (LiteRT gives an array when the
+        converted model has a single output)."""
+        if isinstance(self.spec.layer, tuple) and not isinstance(features, list):
+            return [features]
+        return features
 
 
 def _mean(a, b):

@@ -62,6 +62,17 @@ def test_litert_runs_the_network_once_per_image_for_all_layers(tiny_model_path, 
     assert len(outputs) == 3 and len(invokes) == 4
 
 
+@pytest.mark.parametrize("engine", ["tf", "litert"])
+def test_a_one_layer_list_gives_a_one_array_list(tiny_model_path, engine):
+    backbone, spec, resolved = _spec(tiny_model_path)
+    model = FeatureModel(backbone, with_layers(spec, ["conv_a"]), resolved, engine=engine)
+    images = _images(3)
+    outputs = model(images)
+    assert isinstance(outputs, list) and len(outputs) == 1 and outputs[0].shape == (3, 8)
+    if model.per_image:
+        assert isinstance(model.one(images[0]), list)
+
+
 def test_tf_model_has_one_input_and_one_output_per_layer(tiny_model_path):
     backbone, spec, resolved = _spec(tiny_model_path)
     model = FeatureModel(backbone, with_layers(spec, LAYERS), resolved, engine="tf")
