@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SHARED := $(abspath ../shared)
 DATA ?= $(if $(wildcard $(SHARED)/datasets/flowers5),$(SHARED)/datasets/flowers5,data/flower_photos)
-BACKBONES ?= squeezenet mobilenet_v2 efficientnet_lite0
+BACKBONES ?= squeezenet mobilenet_v2 efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 export FEATUREPIPE_WEIGHTS ?= $(if $(wildcard $(SHARED)/weights),$(SHARED)/weights,)
 
 .PHONY: install test browser features compare run bench clean

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .errors import UsageError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+EFFICIENTNET_URL = "https://storage.googleapis.com/keras-applications/"
 SQUEEZENET_URL = ("https://github.com/DeepCognition/keras-squeezenet/releases/download/v0.4/"
                   "squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5")
 POOLING_MODES = ("avg", "max")
@@ -117,6 +118,10 @@ class Backbone:
     weights: tuple = ()
     description: str = ""
     model_path: str = None
+    architecture_in_weights: bool = False  # a whole saved model: no random-weights build
+    # The application pools itself (ConvNeXt normalises after pooling): built with the pooling mode,
+    # and its output (``layer=""``) is the feature.
+    pools_inside: bool = False
 
     @property
     def weights_source(self):
@@ -129,19 +134,39 @@ class Backbone:
         return f"{first.filename}" + (" (downloadable)" if any(w.url for w in self.weights) else "")
 
 
-def _keras_app(attr, **kwargs):
-    def build(weights_path, input_size):
+@dataclass(frozen=True)
+class KerasApp:
+    """Builder of a ``keras.applications`` network without its top (random weights, then the file).
+
+    ``kwargs`` are extra arguments of the application (e.g. ``alpha``); ``pooling`` is passed on
+    for networks that pool inside (``Backbone.pools_inside``).
+    """
+
+    attr: str
+    kwargs: tuple = ()
+
+    def __call__(self, weights_path, input_size, pooling=None):
         import_tensorflow()
         import keras
 
-        model = getattr(keras.applications, attr)(
-            include_top=False, weights=None, input_shape=(input_size, input_size, 3), **kwargs)
+        model = getattr(keras.applications, self.attr)(
+            include_top=False, weights=None, input_shape=(input_size, input_size, 3),
+            pooling=pooling, **dict(self.kwargs))
         if weights_path:
             model.load_weights(weights_path)
         return model
 
-    build.__name__ = f"build_{attr}"
-    return build
+    @property
+    def module(self):
+        """The module that defines the application (its ``preprocess_input``, its weights hashes)."""
+        import_tensorflow()
+        import keras
+
+        return sys.modules[getattr(keras.applications, self.attr).__module__]
+
+
+def _keras_app(attr, **kwargs):
+    return KerasApp(attr, tuple(sorted(kwargs.items())))
 
 
 def build_squeezenet(weights_path, input_size):
@@ -222,11 +247,73 @@ def _model_input_size(path, default=224):
     return int(shape[1]) if shape[1] is not None else default
 
 
-def build_efficientnet_lite0(weights_path, input_size):
-    if not weights_path:
-        raise UsageError("efficientnet_lite0 has no architecture without its weights file; "
-                         "pass --weights efficientnet_lite0_imagenet.keras")
-    return _load_model_file(weights_path, input_size)
+def _weights_file_model(name):
+    """A builder for networks whose architecture lives in their weights file (a whole ``.keras``)."""
+    def build(weights_path, input_size):
+        if not weights_path:
+            raise UsageError(f"{name} has no architecture without its weights file; "
+                             f"pass --weights {name}_imagenet.keras")
+        return _load_model_file(weights_path, input_size)
+
+    build.__name__ = f"build_{name}"
+    return build
+
+
+def _lite(name, input_size, sha256):
+    """EfficientNet-Lite: a whole ``.keras`` file with its top; features at ``avg_pool``."""
+    return Backbone(
+        name=name, builder=_weights_file_model(name), input_size=input_size, preprocess="lite",
+        layer="avg_pool", dim=1280, description=f"EfficientNet-Lite{name[-1]}",
+        architecture_in_weights=True, weights=(WeightsFile(f"{name}_imagenet.keras", sha256=sha256),))
+
+
+def _app(name, attr, input_size, preprocess, layer, dim, filename, url, *, md5=None, sha256=None,
+         description="", pools_inside=False):
+    """A keras.applications entry whose weights Keras publishes (file name as Keras caches it)."""
+    return Backbone(name=name, builder=KerasApp(attr), input_size=input_size, preprocess=preprocess,
+                    layer=layer, dim=dim, description=description or attr, pools_inside=pools_inside,
+                    weights=(WeightsFile(filename, sha256=sha256, md5=md5, url=url),))
+
+
+def _convnext(size, attr, dim, sha256):
+    filename = f"convnext_{size}_notop.h5"
+    return _app(f"convnext_{size}", attr, 224, "none", "",
+                dim, filename, KERAS_URL + "convnext/" + filename, sha256=sha256, pools_inside=True)
+
+
+def _efficientnet(b, input_size, dim, md5):
+    filename = f"efficientnetb{b}_notop.h5"
+    return _app(f"efficientnet_b{b}", f"EfficientNetB{b}", input_size, "none", "top_activation", dim,
+                filename, EFFICIENTNET_URL + filename, md5=md5)
+
+
+def _efficientnet_v2(size, input_size, dim, md5):
+    filename = f"efficientnetv2-{size}_notop.h5"
+    return _app(f"efficientnet_v2_{size}", f"EfficientNetV2{size.upper()}", input_size, "none",
+                "top_activation", dim, filename, KERAS_URL + "efficientnet_v2/" + filename, md5=md5)
+
+
+def _resnet(name, attr, preprocess, layer, md5):
+    filename = f"{name.replace('_', '')}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return _app(name, attr, 224, preprocess, layer, 2048, filename, KERAS_URL + "resnet/" + filename,
+                md5=md5)
+
+
+def _densenet(depth, dim, md5):
+    filename = f"densenet{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return _app(f"densenet{depth}", f"DenseNet{depth}", 224, "torch", "relu", dim, filename,
+                KERAS_URL + "densenet/" + filename, md5=md5)
+
+
+def _mobilenet_v3(size, dim, md5):
+    filename = f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5"
+    return _app(f"mobilenet_v3_{size}", f"MobileNetV3{size.title()}", 224, "none", "", dim, filename,
+                KERAS_URL + "mobilenet_v3/" + filename, md5=md5)
+
+
+def _nasnet(size, input_size, dim, md5):
+    return _app(f"nasnet_{size}", f"NASNet{size.title()}", input_size, "tf", "", dim,
+                f"nasnet_{size}_no_top.h5", KERAS_URL + f"nasnet/NASNet-{size}-no-top.h5", md5=md5)
 
 
 BACKBONES = {
@@ -251,11 +338,12 @@ BACKBONES = {
                  WeightsFile("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
                              url=KERAS_URL + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf"
                                              "_kernels_1.0_224_no_top.h5"))),
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0", builder=build_efficientnet_lite0, input_size=224,
-        preprocess="lite", layer="avg_pool", dim=1280, description="EfficientNet-Lite0",
-        weights=(WeightsFile("efficientnet_lite0_imagenet.keras",
-                             sha256="9f2182613c8f8557cfd9ee76195b15cf9e6f10f0921e20a6ab3d47856e8540c2"),)),
+    "efficientnet_lite0": _lite(
+        "efficientnet_lite0", 224, "9f2182613c8f8557cfd9ee76195b15cf9e6f10f0921e20a6ab3d47856e8540c2"),
+    "efficientnet_lite1": _lite(
+        "efficientnet_lite1", 240, "4d55525c1e142e4d9e3ca70c5553c852b1e1498adb3f571efc3a9555e66d60ef"),
+    "efficientnet_lite2": _lite(
+        "efficientnet_lite2", 260, "4fa9bd3ede16b137d88f97ee8438040318c5c75831d65d931f08fa3f8b431614"),
     "vgg16": Backbone(
         name="vgg16", builder=_keras_app("VGG16"), input_size=224, preprocess="caffe",
         layer="block5_pool", dim=512, description="VGG16",
@@ -296,7 +384,55 @@ BACKBONES = {
         name="efficientnet_b0", builder=_keras_app("EfficientNetB0"), input_size=224,
         preprocess="none", layer="top_activation", dim=1280, description="EfficientNet-B0",
         weights=(WeightsFile("efficientnetb0_notop.h5", md5="50bc09e76180e00e4465e1a485ddc09d",
-                             url=KERAS_URL + "efficientnetb0_notop.h5"),)),
+                             url=EFFICIENTNET_URL + "efficientnetb0_notop.h5"),)),
+    # The rest of keras.applications' ImageNet CNNs (weights published by Keras, with its hashes).
+    # Layer "" is the application's own output: its last layer has no stable name (MobileNetV3,
+    # NASNet) or it normalises after pooling (ConvNeXt).
+    "efficientnet_b1": _efficientnet(1, 240, 1280, "74c4e6b3e1f6a1eea24c589628592432"),
+    "efficientnet_b2": _efficientnet(2, 260, 1408, "111f8e2ac8aa800a7a99e3239f7bfb39"),
+    "efficientnet_b3": _efficientnet(3, 300, 1536, "af6d107764bb5b1abb91932881670226"),
+    "efficientnet_b4": _efficientnet(4, 380, 1792, "ebc24e6d6c33eaebbd558eafbeedf1ba"),
+    "efficientnet_b5": _efficientnet(5, 456, 2048, "38879255a25d3c92d5e44e04ae6cec6f"),
+    "efficientnet_b6": _efficientnet(6, 528, 2304, "9ecce42647a20130c1f39a5d4cb75743"),
+    "efficientnet_b7": _efficientnet(7, 600, 2560, "cbcfe4450ddf6f3ad90b1b398090fe4a"),
+    "efficientnet_v2_b0": _efficientnet_v2("b0", 224, 1280, "893217f2bb855e2983157299931e43ff"),
+    "efficientnet_v2_b1": _efficientnet_v2("b1", 240, 1280, "0e80663031ca32d657f9caa404b6ec37"),
+    "efficientnet_v2_b2": _efficientnet_v2("b2", 260, 1408, "1dfe2e7a5d45b6632553a8961ea609eb"),
+    "efficientnet_v2_b3": _efficientnet_v2("b3", 300, 1536, "f6abf7b5849ac99a89b50dd3fd532856"),
+    "efficientnet_v2_s": _efficientnet_v2("s", 384, 1280, "af0682fb74e8c54910f2d4393339c070"),
+    "efficientnet_v2_m": _efficientnet_v2("m", 480, 1280, "1b8dc055df72dde80d614482840fe342"),
+    "efficientnet_v2_l": _efficientnet_v2("l", 480, 1280, "b0b66b5c863aef5b46e8608fe1711615"),
+    "convnext_tiny": _convnext("tiny", "ConvNeXtTiny", 768,
+        "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
+    "convnext_small": _convnext("small", "ConvNeXtSmall", 768,
+        "6fc8009faa2f00c1c1dfce59feea9b0745eb260a7dd11bee65c8e20843da6eab"),
+    "convnext_base": _convnext("base", "ConvNeXtBase", 1024,
+        "40a20c5548a5e9202f69735ecc06c990e6b7c9d2de39f0361e27baeb24cb7c45"),
+    "convnext_large": _convnext("large", "ConvNeXtLarge", 1536,
+        "96f02b6f0753d4f543261bc9d09bed650f24dd6bc02ddde3066135b63d23a1cd"),
+    "convnext_xlarge": _convnext("xlarge", "ConvNeXtXLarge", 2048,
+        "de3f8a54174130e0cecdc71583354753d557fcf1f4487331558e2a16ba0cfe05"),
+    "resnet101": _resnet("resnet101", "ResNet101", "caffe", "conv5_block3_out",
+        "88cf7a10940856eca736dc7b7e228a21"),
+    "resnet152": _resnet("resnet152", "ResNet152", "caffe", "conv5_block3_out",
+        "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    "resnet50_v2": _resnet("resnet50_v2", "ResNet50V2", "tf", "post_relu",
+        "fac2f116257151a9d068a22e544a4917"),
+    "resnet101_v2": _resnet("resnet101_v2", "ResNet101V2", "tf", "post_relu",
+        "c0ed64b8031c3730f411d2eb4eea35b5"),
+    "resnet152_v2": _resnet("resnet152_v2", "ResNet152V2", "tf", "post_relu",
+        "ed17cf2e0169df9d443503ef94b23b33"),
+    "densenet169": _densenet(169, 1664, "b8c4d4c20dd625c148057b9ff1c1176b"),
+    "densenet201": _densenet(201, 1920, "c13680b51ded0fb44dff2d8f86ac8bb1"),
+    "inception_resnet_v2": _app(
+        "inception_resnet_v2", "InceptionResNetV2", 299, "tf", "conv_7b_ac", 1536,
+        "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        KERAS_URL + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        md5="d19885ff4a710c122648d3b5c3b684e4"),
+    "mobilenet_v3_small": _mobilenet_v3("small", 576, "d3e8ec802a04aa4fc771ee12a9a9b836"),
+    "mobilenet_v3_large": _mobilenet_v3("large", 960, "07fb09a5933dd0c8eaafa16978110389"),
+    "nasnet_mobile": _nasnet("mobile", 224, 1056, "1ed92395b5b598bdda52abe5c0dbfd63"),
+    "nasnet_large": _nasnet("large", 331, 4032, "d81d89dc07e6e56530c4e77faddd61b5"),
 }
 
 
@@ -327,6 +463,18 @@ def backbone_file_stem(name):
     if name.startswith("file:"):
         return Path(name[len("file:"):]).stem
     return name
+
+
+def feature_file_stem(name, *, layer=None, augment="none"):
+    """The feature file stem of a backbone read at ``layer``: ``<backbone>`` for its default
+    layer, ``<backbone>@<layer>`` for another one, ``-flip`` appended for flip-averaged features
+    (``mobilenet_v2@block_16_project-flip``). Characters other than letters, digits, ``_`` and
+    ``-`` in the layer name become ``_``."""
+    stem = backbone_file_stem(name)
+    default = BACKBONES[name].layer if name in BACKBONES else None
+    if layer and layer != default:
+        stem += "@" + "".join(c if c.isalnum() or c in "_-" else "_" for c in layer)
+    return stem + ("-flip" if augment == "flip" else "")
 
 
 # --------------------------------------------------------------------------- weights
@@ -425,7 +573,7 @@ def _download(known):
 
     try:
         return keras.utils.get_file(known.filename, known.url, cache_subdir="models",
-                                    file_hash=known.md5)
+                                    file_hash=known.sha256 or known.md5)
     except Exception:  # offline, proxy, HTTP error: fall through to the one-line error
         return None
 
@@ -473,44 +621,91 @@ def make_spec(backbone, *, layer=None, pooling="avg", image_size=None, resize="s
     ), resolved
 
 
+def layer_names(spec):
+    """The layers a spec reads, as a tuple: one, or several for a multi-layer spec."""
+    return spec.layer if isinstance(spec.layer, tuple) else (spec.layer,)
+
+
+def with_layers(spec, layers):
+    """The spec of ONE forward pass that reads several layers (``spec.layer`` becomes a tuple).
+
+    Parameters
+    ----------
+    spec : FeatureSpec
+        From ``make_spec`` (its layer is the default taken for a ``None`` or empty name).
+    layers : sequence of str
+
+    Its feature model (``build_feature_model``, ``engines.FeatureModel``) returns one pooled output
+    per layer, in this order; ``split_layers`` gives back each layer's own spec (what its file
+    records). The layer tuple also keys the engines' caches, so a multi-layer model is converted
+    and remembered apart from the single-layer ones.
+    """
+    names = tuple(name or spec.layer for name in layers)
+    if not names:
+        raise UsageError("no layers given")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"layer '{repeated[0]}' is named twice; give each --layer once")
+    return replace(spec, layer=names)
+
+
+def split_layers(spec):
+    """One single-layer FeatureSpec per layer of a (multi-layer) spec."""
+    return [replace(spec, layer=name) for name in layer_names(spec)]
+
+
 def build_feature_model(backbone, spec, resolved):
     """A Keras model mapping preprocessed images (n, S, S, 3) to features (n, D).
 
     The output of ``spec.layer`` (the model's last layer when empty) is globally pooled when it is
-    a spatial map.
+    a spatial map. For a multi-layer spec (``with_layers``) the model has one such output per
+    layer, a list in the spec's order, all from one forward pass.
     """
     import_tensorflow()
     import keras
 
+    pooling = {"pooling": spec.pooling} if backbone.pools_inside else {}
     try:
-        base = backbone.builder(resolved.path if resolved else None, spec.image_size)
+        base = backbone.builder(resolved.path if resolved else None, spec.image_size, **pooling)
     except ValueError as err:  # Keras refuses an input too small for the network
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
         reason = next((line for line in lines if line and not line.startswith("Exception encountered")),
                       type(err).__name__)
         raise UsageError(f"--image-size {spec.image_size} does not fit '{backbone.name}' ({reason})") from None
     base.trainable = False
-    if spec.layer:
-        try:
-            out = base.get_layer(spec.layer).output
-        except ValueError:
-            raise UsageError(f"backbone '{backbone.name}' has no layer '{spec.layer}'; "
-                             f"see --list-layers {backbone.name}") from None
-    else:
-        out = base.outputs[0]
+    names = layer_names(spec)
+    outs = [_pooled_output(base, backbone, name, spec.pooling,
+                           "featurepipe_pool" if len(names) == 1 else f"featurepipe_pool_{k}")
+            for k, name in enumerate(names)]
+    out = outs if isinstance(spec.layer, tuple) else outs[0]
     inputs = base.inputs[0]
-    if len(out.shape) == 4:
-        pool = keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        out = pool(name="featurepipe_pool")(out)
-    elif len(out.shape) != 2:
-        raise UsageError(f"layer '{spec.layer}' has output shape {tuple(out.shape)}; pick a layer "
-                         "with a (H, W, C) or (C,) output (see --list-layers)")
     if base.inputs[0].shape[1] is None:
         # Models with a free input size get a fixed one, so engines can compile for it.
         inputs = keras.Input((spec.image_size, spec.image_size, 3))
         sub = keras.Model(base.inputs, out)
         return keras.Model(inputs, sub(inputs), name=_model_name(backbone))
     return keras.Model(inputs, out, name=_model_name(backbone))
+
+
+def _pooled_output(base, backbone, layer, pooling, name):
+    """The output of ``layer`` (the model's output when empty), globally pooled if spatial."""
+    import keras
+
+    if layer:
+        try:
+            out = base.get_layer(layer).output
+        except ValueError:
+            raise UsageError(f"backbone '{backbone.name}' has no layer '{layer}'; "
+                             f"see --list-layers {backbone.name}") from None
+    else:
+        out = base.outputs[0]
+    if len(out.shape) == 4:
+        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        return pool(name=name)(out)
+    if len(out.shape) != 2:
+        raise UsageError(f"layer '{layer}' has output shape {tuple(out.shape)}; pick a layer "
+                         "with a (H, W, C) or (C,) output (see --list-layers)")
+    return out
 
 
 def _model_name(backbone):
@@ -523,7 +718,7 @@ def list_layers(backbone, weights="none", image_size=None):
     path = None
     if backbone.model_path:
         path = backbone.model_path
-    elif backbone.builder is build_efficientnet_lite0:
+    elif backbone.architecture_in_weights:
         path = resolve_weights(backbone, None if weights == "none" else weights).path
     model = backbone.builder(path, size)
     rows = []

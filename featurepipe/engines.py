@@ -121,8 +121,12 @@ class TFEngine:
         )
 
     def run(self, batch):
-        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
-        return np.asarray(self._forward(np.asarray(batch, dtype=self.dtype)), dtype=np.float32)
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32, or a list
+        of them (one per output, in the model's order) for a multi-layer model."""
+        out = self._forward(np.asarray(batch, dtype=self.dtype))
+        if isinstance(out, (list, tuple)):
+            return [np.asarray(o, dtype=np.float32) for o in out]
+        return np.asarray(out, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- litert
@@ -310,30 +314,35 @@ class LiteRTEngine:
             return cached
         source = {"model_path": str(self.path)} if self.path else {"model_content": self._content}
         it = self._interpreter_class(num_threads=self.num_threads, **source)
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        inp = it.get_input_details()[0]
         it.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]], strict=True)
         with _drop_native_info():
             it.allocate_tensors()
-        self._local.interpreter = (it, inp["index"], out["index"], inp["dtype"])
+        self._local.interpreter = (it, inp["index"], _output_indices(it), inp["dtype"])
         return self._local.interpreter
 
     def _run_images(self, images):
-        it, inp, out, _ = self._interpreter()
-        features = []
+        it, inp, outs, _ = self._interpreter()
+        features = [[] for _ in outs]
         for k in range(len(images)):
             it.set_tensor(inp, images[k:k + 1])
             it.invoke()
-            features.append(it.get_tensor(out).reshape(-1))
-        return np.stack(features).astype(np.float32, copy=False)
+            for rows, out in zip(features, outs):
+                rows.append(it.get_tensor(out).reshape(-1))
+        arrays = [np.stack(rows).astype(np.float32, copy=False) for rows in features]
+        return arrays if len(arrays) > 1 else arrays[0]
 
     def run_one(self, image):
-        """image : ndarray (...) -> features ndarray (D,) float32, on the calling thread's own
-        interpreter (no lock: threads never share one). Extract calls it from its decode threads,
-        so each image is decoded and run by the same thread while its data is still in cache."""
-        return self._run_images(np.ascontiguousarray(image[None], dtype=self.dtype))[0]
+        """image : ndarray (...) -> features ndarray (D,) float32 (a list, one per output, for a
+        multi-layer model), on the calling thread's own interpreter (no lock: threads never share
+        one). Extract calls it from its decode threads, so each image is decoded and run by the
+        same thread while its data is still in cache."""
+        out = self._run_images(np.ascontiguousarray(image[None], dtype=self.dtype))
+        return [o[0] for o in out] if isinstance(out, list) else out[0]
 
     def run(self, batch):
-        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32."""
+        """batch : ndarray (n, ...) of the model's input dtype -> ndarray (n, D) float32, or a list
+        of them (one per output, in the Keras model's order) for a multi-layer model."""
         batch = np.ascontiguousarray(batch, dtype=self.dtype)
         with self._lock:
             if self.parallel == 1 or len(batch) == 1:
@@ -341,8 +350,25 @@ class LiteRTEngine:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="featurepipe-litert")
                 weakref.finalize(self, self._pool.shutdown, wait=False)
-            slices = np.array_split(batch, min(self.parallel, len(batch)))
-            return np.concatenate(list(self._pool.map(self._run_images, slices)))
+            parts = np.array_split(batch, min(self.parallel, len(batch)))
+            slices = list(self._pool.map(self._run_images, parts))
+            if isinstance(slices[0], list):
+                return [np.concatenate(parts) for parts in zip(*slices)]
+            return np.concatenate(slices)
+
+
+def _output_indices(interpreter):
+    """Tensor indices of the outputs in the Keras model's order.
+
+    ``get_output_details()`` lists a converted model's outputs in no particular order; its
+    signature names them ``output_0``, ``output_1``, ... in the order of the Keras outputs.
+    """
+    try:
+        details = interpreter.get_signature_runner().get_output_details()
+    except ValueError:  # no signature: a single-output model converted elsewhere
+        return [interpreter.get_output_details()[0]["index"]]
+    names = sorted(details, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else 0)
+    return [details[n]["index"] for n in names]
 
 
 # --------------------------------------------------------------------------- registry and auto
@@ -497,7 +523,9 @@ class FeatureModel:
         ``auto``, ``tf``, ``litert`` (see ``ENGINES``).
 
     The engine (and the network, when the engine needs it) is built on first use; then
-    ``engine.name`` is the engine really used (``auto`` resolved).
+    ``engine.name`` is the engine really used (``auto`` resolved). With a multi-layer spec
+    (``backbones.with_layers``) one forward pass gives every layer: calls return a list of
+    arrays, one per layer in the spec's order.
     """
 
     def __init__(self, backbone, spec, resolved, engine="auto"):
@@ -518,8 +546,9 @@ class FeatureModel:
 
     @property
     def dim(self):
-        return self.engine.run(np.zeros((1, self.spec.image_size, self.spec.image_size, 3),
-                                        np.uint8)).shape[1]
+        """Feature size (a list of them for a multi-layer spec)."""
+        out = self.engine.run(np.zeros((1, self.spec.image_size, self.spec.image_size, 3), np.uint8))
+        return [o.shape[1] for o in out] if isinstance(out, list) else out.shape[1]
 
     def __call__(self, images):
         """images : ndarray (n, S, S, 3) uint8 RGB -> features ndarray (n, D) float32.
@@ -529,8 +558,8 @@ class FeatureModel:
         images = _as_pixels(images)
         features = self.engine.run(images)
         if self.spec.augment == "flip":
-            features = (features + self.engine.run(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
-        return features.astype(np.float32, copy=False)
+            features = _mean(features, self.engine.run(np.ascontiguousarray(images[:, :, ::-1])))
+        return self._per_layer(_float32(features))
 
     @property
     def per_image(self):
@@ -543,8 +572,28 @@ class FeatureModel:
         image = _as_pixels(image)
         features = self.engine.run_one(image)
         if self.spec.augment == "flip":
-            features = (features + self.engine.run_one(np.ascontiguousarray(image[:, ::-1]))) / 2.0
-        return features.astype(np.float32, copy=False)
+            features = _mean(features, self.engine.run_one(np.ascontiguousarray(image[:, ::-1])))
+        return self._per_layer(_float32(features))
+
+    def _per_layer(self, features):
+        """A list for every multi-layer spec, even of one layer (LiteRT gives an array when the
+        converted model has a single output)."""
+        if isinstance(self.spec.layer, tuple) and not isinstance(features, list):
+            return [features]
+        return features
+
+
+def _mean(a, b):
+    """The mean of two engine outputs (arrays, or lists of arrays for multi-layer models)."""
+    if isinstance(a, list):
+        return [(x + y) / 2.0 for x, y in zip(a, b)]
+    return (a + b) / 2.0
+
+
+def _float32(features):
+    if isinstance(features, list):
+        return [f.astype(np.float32, copy=False) for f in features]
+    return features.astype(np.float32, copy=False)
 
 
 def _as_pixels(images):
