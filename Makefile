@@ -8,7 +8,7 @@ DATA ?= $(if $(wildcard $(SHARED)/datasets/flowers5),$(SHARED)/datasets/flowers5
 BACKBONES ?= squeezenet mobilenet_v2 efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 export FEATUREPIPE_WEIGHTS ?= $(if $(wildcard $(SHARED)/weights),$(SHARED)/weights,)
 
-.PHONY: install test browser features compare run bench clean
+.PHONY: install test browser features compare audit run bench clean
 MODELS := $(or $(FEATUREPIPE_MODELS),models)
 REPORT = $(MODELS)/$(notdir $(DATA))/report.html
 
@@ -45,7 +45,12 @@ features: $(STAMP) $(if $(findstring flower_photos,$(DATA)),data/flower_photos)
 compare: $(STAMP)
 	$(PY) -m featurepipe.compare
 
-run: features compare
+# the audit (near-duplicates, leaks, label suspects, learning curve), then the report with it
+audit: $(STAMP)
+	$(PY) -m featurepipe.audit
+	$(PY) -m featurepipe.report
+
+run: features compare audit
 	@if [ -f $(REPORT) ]; then echo "report: $(abspath $(REPORT))"; else echo "no report written (see the warnings above)"; fi
 
 bench: $(STAMP)
