@@ -43,7 +43,8 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import ENGINES, ModelSource, litert_available, pixel_model
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     b = get_backbone(backbone)
     spec, resolved = make_spec(b)
@@ -104,7 +105,8 @@ def child_first_use(backbone, data):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import FeatureModel, remembered_choice
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     start = time.perf_counter()
     b = get_backbone(backbone)
@@ -122,7 +124,8 @@ def child_startup(backbone, data):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import FeatureModel
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     b = get_backbone(backbone)
     spec, resolved = make_spec(b)

@@ -34,7 +34,8 @@ from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import PREPROCESS
 from .errors import DataError, ImageError, UsageError
-from .images import assign_split, is_image_file
+from .images import assign_split, expand_paths
+from .reader import FILE_DECODE_DEFAULT, Target, read_images, target_from_attrs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -295,8 +296,6 @@ def _decoded_images(feats, rows, spec, work, quiet):
     images : ndarray of shape (n_rows_in_file, S, S, 3), uint8 (a memory map)
     rows : dict of int64 arrays, without rows whose image no longer decodes
     """
-    from .extract import decoded_stream
-
     size, n = int(spec.image_size), len(feats.paths)
     cache, marker = work / "images.npy", work / "images.json"
     bad = _cached_bad_rows(cache, marker, n, size)
@@ -304,13 +303,13 @@ def _decoded_images(feats, rows, spec, work, quiet):
         images = np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         wanted = np.sort(np.concatenate(list(rows.values())))
         root = Path(str(feats.attrs["data_root"]))
-        stream = decoded_stream([str(root / feats.paths[i]) for i in wanted], size, spec.resize)
+        stream = read_images([str(root / feats.paths[i]) for i in wanted], [target_from_attrs(feats.attrs)])
         bad = {}
         for i, item in zip(wanted, _progress(stream, len(wanted), "decode", quiet)):
             if isinstance(item, ImageError):
                 bad[int(i)] = str(item)
             else:
-                images[i] = item[0]
+                images[i] = item.outputs[0]
         images.flush()
         del images
         marker.write_text(json.dumps({"n": n, "size": size, "bad": bad}))
@@ -809,13 +808,14 @@ def predict_images(model_path, image_paths, *, batch_size=32):
         ``(path, None, reason)`` with ``reason`` a short str.
     """
     model, meta = _load_for_predict(model_path)
-    size, resize = int(meta["image_size"]), meta.get("resize", "stretch")
+    target = Target(int(meta["image_size"]), meta.get("resize", "stretch"),
+                    meta.get("attrs", {}).get("decode", FILE_DECODE_DEFAULT))
     names = meta["class_names"]
-    paths = _expand(image_paths)
+    paths = expand_paths([image_paths] if isinstance(image_paths, (str, Path)) else image_paths)
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        decoded = [_decode_or_reason(p, size, resize) for p in chunk]
+        decoded = [str(r) if isinstance(r, ImageError) else r.outputs[0] for r in read_images(chunk, [target])]
         good = [d for d in decoded if not isinstance(d, str)]
         probs = iter(model.predict(np.stack(good).astype(np.float32), verbose=0) if good else [])
         for path, d in zip(chunk, decoded):
@@ -844,29 +844,6 @@ def _load_for_predict(model_path):
     except Exception as err:
         raise DataError(f"cannot load Keras model '{model_path}': {type(err).__name__}: {err}") from None
     return model, meta
-
-
-def _expand(image_paths):
-    if isinstance(image_paths, (str, Path)):
-        image_paths = [image_paths]
-    out = []
-    for p in image_paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q.name)
-                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        else:
-            out.append(p)
-    return out
-
-
-def _decode_or_reason(path, size, resize):
-    from .images import load_image
-
-    try:
-        return load_image(path, size, resize)[0]
-    except ImageError as err:
-        return str(err)
 
 
 # --------------------------------------------------------------------------- CLI
