@@ -1,9 +1,9 @@
-"""Run one extract and SIGKILL this process at the N-th write event (a helper of test_kill_points).
+"""Run one extract that SIGKILLs itself at its N-th write event (a helper of test_kill_points).
 
-Usage: python tests/kill_child.py '{"kill_at": N, "data": ..., "backbones": [...], "out": ...,
-"options": {...}}'. Every call that writes (a part, feature rows, the commit of the file, removing
-the parts, the latest pointer) counts as two events, before and after it; the process kills itself
-when the count reaches ``kill_at`` (never with 0). Prints the number of events when not killed.
+Usage: python tests/kill_child.py JSON with ``{"kill_at": N, "data": ..., "out": ...,
+"backbones": [...], "options": {...}}``. Every call that writes (a part, feature rows, the commit
+of the file, removing the parts, the latest pointer) counts as two events, before and after it; the
+process kills itself when the count reaches ``kill_at``.
 """
 
 import json
@@ -41,4 +41,3 @@ store.FeatureFileWriter.write_rows = hooked(store.FeatureFileWriter.write_rows)
 store.FeatureFileWriter.commit = hooked(store.FeatureFileWriter.commit)
 shutil.rmtree = hooked(shutil.rmtree)
 ex.extract(settings["data"], settings["backbones"], out=settings["out"], **settings["options"])
-print(count)
