@@ -38,10 +38,14 @@ def _grow(root):
 
 
 def _change(root):
-    """What a user does between the killed run and the re-run: delete, add, edit."""
+    """What a user does between the killed run and the re-run: delete, add, edit.
+
+    The deleted image sorts before the images an incremental run adds and the others after them,
+    so the first chunk of the re-run holds the same images at shifted index positions.
+    """
     os.unlink(root / "train" / "blue" / "img_000.png")
     make_image(root / "train" / "red" / "img_050.png", COLORS["red"], seed=50)
-    make_image(root / "test" / "red" / "img_010.png", COLORS["green"], seed=7)   # edited in place
+    make_image(root / "train" / "red" / "img_000.png", COLORS["green"], seed=7)   # edited in place
 
 
 def _killed_runs(runs, backbone):
