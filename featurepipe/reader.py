@@ -160,12 +160,25 @@ def resize_array(rgb, size, resize="stretch"):
     """
     from PIL import Image
 
+    if rgb.shape[:2] == (size, size):
+        _check_resize(resize)
+        return rgb
+    return resize_image(Image.fromarray(rgb), size, resize)
+
+
+def _check_resize(resize):
     if resize not in RESIZE_MODES:
         raise UsageError(f"unknown resize mode '{resize}'; use one of {', '.join(RESIZE_MODES)}")
-    h, w = rgb.shape[:2]
+
+
+def resize_image(img, size, resize="stretch"):
+    """``resize_array`` for an RGB PIL image (no copy to an array before resizing)."""
+    from PIL import Image
+
+    _check_resize(resize)
+    w, h = img.size
     if (h, w) == (size, size):
-        return rgb
-    img = Image.fromarray(rgb)
+        return np.asarray(img)
     if resize == "stretch":
         return np.asarray(img.resize((size, size), Image.BILINEAR))
     scale = size / min(h, w) if resize == "crop" else size / max(h, w)
@@ -198,17 +211,21 @@ def _open(data, max_pixels, draft_side):
 
 
 def _finish(img):
-    from PIL import ImageOps
+    """The decoded, upright RGB PIL image."""
+    from PIL import Image, ImageOps
 
     img.load()
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
         img = ImageOps.exif_transpose(img)
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    rgb = _to_rgb_array(img)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ImageError(f"unexpected decoded shape {rgb.shape}")
-    return rgb
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # scaled, not clipped
+        img = Image.fromarray(_to_rgb_array(img))
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    if min(img.size) < 1:
+        raise ImageError(f"unexpected decoded size {img.size}")
+    return img
 
 
 def _guarded(func, *args):
@@ -239,7 +256,7 @@ def decode_bytes(data, *, max_pixels=DEFAULT_MAX_PIXELS, draft_side=0):
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return _guarded(lambda: _finish(_open(data, max_pixels, draft_side)))
+    return _guarded(lambda: np.asarray(_finish(_open(data, max_pixels, draft_side))))
 
 
 def decode_targets(data, targets, *, max_pixels=DEFAULT_MAX_PIXELS):
@@ -256,7 +273,7 @@ def decode_targets(data, targets, *, max_pixels=DEFAULT_MAX_PIXELS):
             img = _open(data, max_pixels, _draft_side(t.size, t.decode))
             if img.size not in by_scale:
                 by_scale[img.size] = _finish(img)
-            out.append(resize_array(by_scale[img.size], t.size, t.resize))
+            out.append(resize_image(by_scale[img.size], t.size, t.resize))
         return out
 
     return _guarded(run)
