@@ -344,3 +344,25 @@ def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path,
     assert again.n_extracted == 0 and again.n_rows == first.n_rows
     with h5py.File(again.path) as f:
         assert f.attrs["engine"] == "tf"
+
+
+def test_an_extracted_image_replaced_by_a_link_to_a_fifo_is_skipped_on_rerun(tiny_data, tiny_model_path, tmp_path):
+    from test_reader import bounded
+
+    _run(tiny_data, tiny_model_path, tmp_path / "out")
+    os.mkfifo(tmp_path / "pipe")
+    os.unlink(tiny_data / "red" / "img_000.png")
+    os.symlink(tmp_path / "pipe", tiny_data / "red" / "img_000.png")
+    result = bounded(lambda: _run(tiny_data, tiny_model_path, tmp_path / "out"))
+    f = load(result.path)
+    assert dict(f.skipped)["red/img_000.png"] == "not a regular file (a FIFO)" and result.n_rows == 17
+
+
+def test_an_output_folder_inside_the_data_is_never_listed(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "data", n_per_class=3)
+    out = data / "features"
+    first = _run(data, tiny_model_path, out)
+    make_image(out / "stray" / "x.png", COLORS["red"])  # even images there are not input
+    again = _run(data, tiny_model_path, out)
+    assert load(again.path).class_names == load(first.path).class_names == ["blue", "green", "red"]
+    assert again.n_rows == first.n_rows == 9
