@@ -328,6 +328,9 @@ THREE = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
 def measure_together(folders, env, args, log, backbones=THREE, decode="scaled"):
     """One extract with several backbones (each image decoded once) against separate runs."""
     row = {"backbones": list(backbones), "n": (folders["small"][1], folders["large"][1]), "decode": decode}
+    log(f"{'+'.join(backbones)}: warm-up (LiteRT conversions and engine choices cached)")
+    run_child("extract", env, backbone=list(backbones), data=folders["small"][0], decode=decode,
+              out=str(Path(args.work) / "warm-up"), batch_size=args.batch_size)
     for size in ("small", "large"):
         folder = folders[size][0]
         log(f"{'+'.join(backbones)} together, {size} ({decode} decode)")
