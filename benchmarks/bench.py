@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,8 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import ENGINES, ModelSource, litert_available, pixel_model
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     b = get_backbone(backbone)
     spec, resolved = make_spec(b)
@@ -104,7 +104,8 @@ def child_first_use(backbone, data):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import FeatureModel, remembered_choice
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     start = time.perf_counter()
     b = get_backbone(backbone)
@@ -122,7 +123,8 @@ def child_startup(backbone, data):
 
     from featurepipe.backbones import get_backbone, make_spec
     from featurepipe.engines import FeatureModel
-    from featurepipe.images import list_images, load_image
+    from featurepipe.images import list_images
+    from featurepipe.reader import load_image
 
     b = get_backbone(backbone)
     spec, resolved = make_spec(b)
@@ -132,13 +134,14 @@ def child_startup(backbone, data):
     return {"engine": model.engine.name}
 
 
-def child_extract(backbone, data, out, batch_size):
-    """featurepipe.extract end to end; also the time the forward pass waited for decoded images."""
+def child_extract(backbone, data, out, batch_size, decode="scaled"):
+    """featurepipe.extract end to end (``backbone``: a name or a list, extracted together); also the
+    time the forward pass waited for decoded images."""
     import featurepipe.engines as engines
     import featurepipe.extract as fx
 
     waited, forward = [0.0], [0.0]
-    real_stream, real_call = fx.decoded_stream, engines.FeatureModel.__call__
+    real_stream, real_call = fx.read_images, engines.FeatureModel.__call__
 
     def timed_stream(*args, **kwargs):
         inner = real_stream(*args, **kwargs)
@@ -161,16 +164,30 @@ def child_extract(backbone, data, out, batch_size):
         finally:
             forward[0] += time.perf_counter() - t
 
-    fx.decoded_stream = timed_stream
+    fx.read_images = timed_stream
     engines.FeatureModel.__call__ = timed_call
+    names = [backbone] if isinstance(backbone, str) else backbone
     start, cpu = time.perf_counter(), time.process_time()
-    [result] = fx.extract(data, [backbone], out=out, quiet=True, engine="auto", batch_size=batch_size,
-                          overwrite=True)
+    results = fx.extract(data, names, out=out, quiet=True, engine="auto", batch_size=batch_size,
+                         overwrite=True, decode=decode)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     from featurepipe.store import read_attrs
 
-    return {"seconds": seconds, "cpu": cpu, "rows": result.n_rows, "decode_wait": waited[0], "forward": forward[0],
-            "engine": read_attrs(result.path)["engine"], "path": str(result.path)}
+    return {"seconds": seconds, "cpu": cpu, "rows": results[0].n_rows, "decode_wait": waited[0],
+            "forward": forward[0], "engine": read_attrs(results[0].path)["engine"],
+            "path": str(results[0].path), "paths": [str(r.path) for r in results]}
+
+
+def child_decode(data, size, decode, n=100):
+    """CPU ms per image of reading, decoding and resizing (one thread) with the reader."""
+    from featurepipe.images import walk_images
+    from featurepipe.reader import Target, read_image
+
+    paths = walk_images(data)[:n]
+    start = time.process_time()
+    for path in paths:
+        read_image(path, [Target(size, decode=decode)])
+    return {"cpu_ms": 1000 * (time.process_time() - start) / len(paths), "n": len(paths)}
 
 
 def child_classic(backbone, data, batch_size):
@@ -206,7 +223,8 @@ def child_compare(files):
 
 
 CHILDREN = {"forward": child_forward, "first_use": child_first_use, "startup": child_startup,
-            "extract": child_extract, "classic": child_classic, "compare": child_compare}
+            "extract": child_extract, "classic": child_classic, "compare": child_compare,
+            "decode": child_decode}
 
 
 def run_child(kind, env, **kwargs):
@@ -304,6 +322,95 @@ def measure_backbone(name, folders, env, args, log):
     return row
 
 
+THREE = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
+
+
+def measure_together(folders, env, args, log, backbones=THREE, decode="scaled"):
+    """One extract with several backbones (each image decoded once) against separate runs."""
+    row = {"backbones": list(backbones), "n": (folders["small"][1], folders["large"][1]), "decode": decode}
+    log(f"{'+'.join(backbones)}: warm-up (LiteRT conversions and engine choices cached)")
+    run_child("extract", env, backbone=list(backbones), data=folders["small"][0], decode=decode,
+              out=str(Path(args.work) / "warm-up"), batch_size=args.batch_size)
+    for size in ("small", "large"):
+        folder = folders[size][0]
+        log(f"{'+'.join(backbones)} together, {size} ({decode} decode)")
+        row[f"together_{size}"] = run_child("extract", env, backbone=list(backbones), data=folder,
+                                            out=str(Path(args.work) / "together" / size),
+                                            batch_size=args.batch_size, decode=decode)
+        if len(backbones) == 1:
+            row[f"alone_{size}"] = row[f"together_{size}"]
+            continue
+        runs = []
+        for b in backbones:
+            log(f"{b} alone, {size} ({decode} decode)")
+            runs.append(run_child("extract", env, backbone=b, data=folder, decode=decode,
+                                  out=str(Path(args.work) / "alone" / size), batch_size=args.batch_size))
+        row[f"alone_{size}"] = {"seconds": sum(r["seconds"] for r in runs), "cpu": sum(r["cpu"] for r in runs),
+                                "per_backbone": runs}
+    return row
+
+
+def measure_limit(folders, env, args, log, backbones, decode):
+    """Cores / (one decode + every network's CPU time) per image: the best rate possible here."""
+    size = max(_input_size(b) for b in backbones)
+    log(f"decode CPU ms per image ({decode}, {size} px)")
+    decode_ms = run_child("decode", env, data=folders["large"][0], size=size, decode=decode)["cpu_ms"]
+    net_ms = {}
+    for b in backbones:
+        log(f"{b}: network CPU ms per image")
+        forward = run_child("forward", env, backbone=b, data=args.data, batch_size=args.batch_size,
+                            seconds=args.forward_seconds, batch_sizes=[args.batch_size])
+        net_ms[b] = min(ms for by_engine in forward["cpu_ms"].values()
+                        for engine, ms in by_engine.items() if engine in ("tf", "litert"))
+    return {"decode_ms": decode_ms, "net_ms": net_ms,
+            "limit": os.cpu_count() * 1000 / (decode_ms + sum(net_ms.values()))}
+
+
+def _input_size(backbone):
+    from featurepipe.backbones import get_backbone
+
+    return get_backbone(backbone).input_size
+
+
+def extra_table(extra):
+    lines = ["| run | one extract, img/s | separate runs, img/s | one / separate | limit img/s "
+             "(cores / (decode + networks), CPU ms per image) | one extract / limit |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for title, row, limit in extra:
+        lines += together_table(title, row, limit)
+    lines += ["", "Rates are marginal (extra images / extra seconds between the small and the large "
+                  "run, start-up excluded). Separate runs: one process per backbone, their seconds "
+                  "added. Limit: network CPU ms per image measured on decoded flowers5 images."]
+    return "\n".join(lines)
+
+
+def together_table(title, row, limit=None):
+    n_small, n_large = row["n"]
+    together = marginal(row["together_small"], row["together_large"], n_small, n_large)
+    alone = marginal(row["alone_small"], row["alone_large"], n_small, n_large)
+    lines = [f"| {title} | {together:.1f} | {alone:.1f} | {together / alone:.2f}× |"
+             + (f" {limit['limit']:.1f} ({limit['decode_ms']:.0f} + "
+                f"{' + '.join(f'{v:.0f}' for v in limit['net_ms'].values())} CPU ms) | {together / limit['limit']:.2f} |"
+                if limit else " | |")]
+    return lines
+
+
+def photo_rows(photos, env, args, log):
+    """Rows on large photos: one backbone and three together (scaled decode), and exact decoding."""
+    folders = subset_folders(photos, Path(args.work) / "photos", args.photos_small, args.photos_large)
+    saved = args.data
+    rows = []
+    for backbones, decode in (((args.photo_backbone,), "scaled"), ((args.photo_backbone,), "exact"),
+                              (THREE, "scaled")):
+        together = measure_together(folders, env, args, log, backbones, decode)
+        args.data = str(Path(args.work) / "large")  # networks' CPU time: on flowers5's small images
+        limit = measure_limit(folders, env, args, log, backbones, decode)
+        args.data = saved
+        rows.append((f"{folders['large'][1]} photos 4032x3024, {'+'.join(backbones)}, {decode} decode",
+                     together, limit))
+    return rows
+
+
 def marginal(small, large, n_small, n_large, key="seconds"):
     """Images per second of the extra images of the large run (start-up cancels out); nan when the
     large run was not slower (noise larger than the difference)."""
@@ -393,6 +500,14 @@ def main(argv=None):
     p.add_argument("--sweep", nargs="+", type=int, metavar="BATCH",
                    help="only measure forward rates at these batch sizes")
     p.add_argument("--results", default=str(PROJECT / "benchmarks" / "results"))
+    p.add_argument("--three", action="store_true",
+                   help=f"add a row: {' + '.join(THREE)} in one extract against three separate runs")
+    p.add_argument("--photos", metavar="DIR", help="add large-photo rows on DIR (made by "
+                   "benchmarks/decode_scale.py --make DIR)")
+    p.add_argument("--photos-small", type=int, default=50)
+    p.add_argument("--photos-large", type=int, default=200)
+    p.add_argument("--photo-backbone", default="mobilenet_v2")
+    p.add_argument("--only-extra", action="store_true", help="only the --three and --photos rows")
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"error: no data folder '{args.data}'; pass --data DIR")
@@ -419,22 +534,33 @@ def main(argv=None):
                                                 batch_sizes=args.sweep)} for b in backbones]
             print(forward_sweep_table(rows))
             return 0
-        rows = [measure_backbone(b, folders, env, args, log) for b in backbones]
-        log("compare on the large feature files")
-        compare_row = run_child("compare", env, files=[r["fp_large"]["path"] for r in rows])
+        rows, compare_row = [], None
+        if not args.only_extra:
+            rows = [measure_backbone(b, folders, env, args, log) for b in backbones]
+            log("compare on the large feature files")
+            compare_row = run_child("compare", env, files=[r["fp_large"]["path"] for r in rows])
+        extra = []
+        if args.three:
+            extra.append((f"{folders['large'][1]} flowers5 images, {'+'.join(THREE)}",
+                          measure_together(folders, env, args, log), None))
+        if args.photos:
+            extra += photo_rows(args.photos, env, args, log)
     header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_model()}, "
               f"{os.cpu_count()} cores ({platform.system()}), {versions()}; batch {args.batch_size}; "
               f"best of {args.repeat}; "
               f"{folders['small'][1]} and {folders['large'][1]} images of {Path(args.data).name}; "
               f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after "
               f"({time.time() - started:.0f} s).")
-    text = table(rows, compare_row, header)
+    text = table(rows, compare_row, header) if rows else header
+    if extra:
+        text += "\n\n" + extra_table(extra)
     print(text)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{datetime.now(timezone.utc):%Y%m%d-%H%M}.md"
     path.write_text(text + "\n")
-    path.with_suffix(".json").write_text(json.dumps({"rows": rows, "compare": compare_row}, indent=1))
+    path.with_suffix(".json").write_text(json.dumps({"rows": rows, "compare": compare_row,
+                                                     "extra": extra}, indent=1))
     log(f"saved {path}")
     return 0
 

@@ -126,8 +126,8 @@ class ChunkJob:
     """
 
     part_path: str
-    positions: tuple         # index positions, in order
-    abs_paths: tuple         # the images at those positions
+    paths: tuple             # the chunk's images as stored (relative to the data root), in order
+    abs_paths: tuple         # the same images, to read
     backbone: str            # registry name or file:PATH
     spec: object             # FeatureSpec
     resolved: object         # ResolvedWeights or None
@@ -135,6 +135,7 @@ class ChunkJob:
     batch_size: int
     decode_workers: int
     max_pixels: int
+    decode: str
 
 
 class _NoBar:
@@ -155,26 +156,44 @@ def worker_model(backbone, spec, resolved, engine):
         return _MODELS[key]
 
 
-def run_chunk_job(job, extract_chunk, decoded_stream):
+def _pairs(reads):
+    """``(array, sha1)`` or ImageError per image from the reader's single-target results."""
+    from .errors import ImageError
+
+    for read in reads:
+        yield read if isinstance(read, ImageError) else (read.outputs[0], read.sha1)
+
+
+def _stacked(rows):
+    return rows
+
+
+def run_chunk_job(job, extract_chunk):
     """Extract one chunk on a worker and save its part; return the engine's name.
 
-    ``extract_chunk`` and ``decoded_stream`` are extract's own functions (passed in, so this module
-    stays below extract): the same decoding, batches and engine as a local run.
+    ``extract_chunk`` is extract's own batching (passed in, so this module stays below extract);
+    images come from the same reader, so decoding, batches and engine equal a local run's.
     """
+    from .reader import Target, read_images
     from .store import save_part
 
     model = worker_model(job.backbone, job.spec, job.resolved, job.engine)
-    stream = decoded_stream(list(job.abs_paths), job.spec.image_size, job.spec.resize,
-                            workers=job.decode_workers, max_pixels=job.max_pixels)
+    # As locally: a per-image engine runs the network in the reader's threads.
+    then = model.one if model.per_image else None
+    target = Target(job.spec.image_size, job.spec.resize, job.decode, then=then)
+    reads = read_images(list(job.abs_paths), [target], max_pixels=job.max_pixels,
+                        workers=job.decode_workers or (model.engine.parallel if then else None))
+    stream = _pairs(reads)
     try:
-        part = extract_chunk(list(job.positions), stream, model, job.batch_size, _NoBar())
+        part = extract_chunk(list(job.paths), stream, _stacked if then else model, job.batch_size, _NoBar())
     finally:
         stream.close()
+        reads.close()
     save_part(job.part_path, **part)
     return model.engine.name
 
 
-def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quiet=False):
+def run_chunks(address, jobs, *, model, bar, extract_chunk, quiet=False):
     """Run ``jobs`` (ChunkJob) on the cluster; each writes its part file into the shared folder.
 
     The bar advances by a chunk's images as it finishes, once this machine can read its part.
@@ -189,7 +208,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
         if not quiet and jobs:
             _announce(dask_client)
         run = f"featurepipe-{uuid.uuid4().hex[:8]}"
-        futures = {dask_client.submit(run_chunk_job, job, extract_chunk, decoded_stream,
+        futures = {dask_client.submit(run_chunk_job, job, extract_chunk,
                                       key=f"{run}-{Path(job.part_path).stem}", retries=1): job
                    for job in jobs}
         errors, engines = [], set()
@@ -201,7 +220,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
                     continue
                 engines.add(future.result())
                 _check_part(load_part, job.part_path)
-                bar.update(len(job.positions))
+                bar.update(len(job.paths))
         except BaseException:
             dask_client.cancel(list(futures))
             raise
@@ -212,7 +231,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
 
 
 def _check_part(load_part, part_path):
-    if load_part(part_path, keys=("positions",)) is None:
+    if load_part(part_path, keys=("paths",)) is None:
         raise UsageError(f"a Dask worker wrote '{part_path}' but this machine cannot read it: the "
                          "output folder (--out) must be on a filesystem shared by all workers")
 
@@ -234,11 +253,11 @@ def _has_dashboard():
 def chunk_jobs(todo, *, index, model, parts_dir, opts):
     """One ChunkJob per unfinished chunk ``(name, positions)`` of the client's FeatureModel."""
     return [ChunkJob(part_path=str(Path(parts_dir).resolve() / name),
-                     positions=tuple(int(p) for p in members),
+                     paths=tuple(index.paths[p] for p in members),
                      abs_paths=tuple(str(Path(index.absolute(index.paths[p])).resolve()) for p in members),
                      backbone=model.backbone.name, spec=model.spec, resolved=model.resolved,
                      engine=model.engine_name,
                      batch_size=opts.batch_size, decode_workers=opts.workers,
-                     max_pixels=opts.max_pixels)
+                     max_pixels=opts.max_pixels, decode=opts.decode)
             for name, members in todo]
 

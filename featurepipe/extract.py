@@ -10,14 +10,11 @@ or edited images.
 import contextlib
 import fcntl
 import hashlib
-import os
 import shutil
 import sys
 import time
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,19 +24,20 @@ import numpy as np
 from .cli import OneLineParser, warn_line
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
-                        import_tensorflow, list_layers, make_spec)
+                        list_layers, make_spec)
 from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
                      check_workers)
 from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
 from .errors import DataError, ImageError, UsageError
-from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
+from .images import assign_split, list_images
 from .paths import default_out_dir, is_inside, latest_pointer
+from .reader import (DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, FILE_DECODE_DEFAULT, RESIZE_MODES,
+                     TIMEOUT_REASON, Target, check_decode, file_sha1, file_stat, read_images)
 from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 
-DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0")
-DECODE_TIMEOUT = 120.0
-TIMEOUT_REASON = "decoding took longer than"  # such skips are retried by the next run
+DEFAULT_BACKBONES = ("squeezenet", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                     "efficientnet_lite2")
 
 
 @dataclass(frozen=True)
@@ -98,6 +96,8 @@ class Options:
     chunk_size: int = None
     verify: int = EXTRACT_SAMPLE  # rows re-extracted on the TF engine and compared at the end; 0: none
     dask: str = None              # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
+    decode: str = DEFAULT_DECODE  # scaled | exact (see featurepipe.reader.DECODE_MODES)
+    allow_outside: bool = False   # read CSV rows naming files outside the manifest's folder
 
 
 def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
@@ -114,7 +114,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     **options
         See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
         augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
-        chunk_size, verify, dask (see ``featurepipe.distributed``).
+        chunk_size, verify, dask (see ``featurepipe.distributed``), decode, allow_outside.
 
     Returns
     -------
@@ -125,11 +125,11 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     _validate(opts, backbones)
     out_dir = Path(out) if out is not None else default_out_dir(data)
     _check_outside_input(data, out_dir, explicit=out is not None)
-    index = list_images(data)
+    index = list_images(data, exclude=[out_dir], allow_outside=opts.allow_outside)
     _check_same_dataset(out_dir, index.root)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _dask_session(opts.dask):
-        results = [_extract_backbone(index, name, out_dir, opts) for name in backbones]
+        results = _extract_all(index, backbones, out_dir, opts)
     pointer = latest_pointer()
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pointer, {"data": str(index.root), "files": [str(r.path.resolve()) for r in results]})
@@ -173,6 +173,7 @@ def _validate(opts, backbones):
     if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
         raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
                          f"(got {opts.test_size} and {opts.val_size})")
+    check_decode(opts.decode)
     if opts.max_pixels < 1:
         raise UsageError(f"--max-pixels must be >= 1, got {opts.max_pixels}")
     if opts.pooling not in POOLING_MODES:
@@ -216,27 +217,72 @@ def output_path(out_dir, backbone_name, augment):
     return Path(out_dir) / f"{stem}.h5"
 
 
-def _extract_backbone(index, name, out_dir, opts):
+def _extract_all(index, names, out_dir, opts):
+    """Every backbone's file; each image is read and decoded once for all of them."""
     started = time.time()
+    with contextlib.ExitStack() as locks:
+        jobs = [_prepare(index, name, out_dir, opts, locks) for name in names]
+        if opts.dask is not None:
+            for job in jobs:
+                _run_chunks_on_dask(index, job, opts)
+        else:
+            _run_local(index, jobs, opts)
+        results = [_finish(index, job, opts, started) for job in jobs]
+    for result, job in zip(results, jobs):
+        if not opts.quiet:
+            print(result.summary(), file=sys.stderr)
+        _verify_written(result.path, job.spec, opts)
+    return results
+
+
+@dataclass
+class _Job:
+    """One backbone's share of a run: its file (locked), plan, model and chunks of pending work."""
+
+    spec: object
+    model: object
+    path: Path
+    old: object
+    plan: object
+    parts_dir: Path
+    chunks: list     # (part file name, index positions) of all pending images
+    todo: list       # the chunks without a valid part on disk
+    n_resumed: int   # pending images whose part an interrupted run left (not computed again)
+
+
+def _identity(spec, decode):
+    """The settings an existing file or part must share to be extended: the spec and decode mode."""
+    return {**spec.identity(), "decode": decode}
+
+
+def _prepare(index, name, out_dir, opts, locks):
     backbone = get_backbone(name, preprocess_mode=opts.preprocess)
     spec, resolved = make_spec(backbone, layer=opts.layer, pooling=opts.pooling,
                                image_size=opts.image_size, resize=opts.resize,
                                augment=opts.augment, weights=opts.weights)
     path = output_path(out_dir, name, opts.augment)
-    with _Lock(path.with_name(f".{path.name}.lock")):
-        old = _existing_file(path, spec, opts.overwrite)
-        plan = _plan(index, old, out_dir, path, opts)
-        model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
-        parts_dir = path.with_name(f".{path.stem}.parts")
-        _remove_leftovers(path, parts_dir)
-        extracted, new_skipped, n_resumed = _run_chunks(index, plan, model, spec, parts_dir, opts)
-        result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started,
-                           n_resumed)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    if not opts.quiet:
-        print(result.summary(), file=sys.stderr)
-    _verify_written(result.path, spec, opts)
+    locks.enter_context(_Lock(path.with_name(f".{path.name}.lock")))
+    identity = _identity(spec, opts.decode)
+    old = _existing_file(path, identity, opts.overwrite)
+    plan = _plan(index, old, out_dir, path, opts)
+    parts_dir = path.with_name(f".{path.stem}.parts")
+    _remove_leftovers(path, parts_dir)
+    _prepare_parts_dir(parts_dir, identity)
+    chunks = list(_chunks(plan.pending, index, plan.stats, opts.chunk_size or max(opts.batch_size * 8, 256)))
+    todo = [(part, members) for part, members in chunks
+            if _valid_part(parts_dir / part, index, members, ("paths",)) is None]
+    model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
+    n_resumed = sum(len(members) for _, members in chunks) - sum(len(members) for _, members in todo)
+    return _Job(spec, model, path, old, plan, parts_dir, chunks, todo, n_resumed)
+
+
+def _finish(index, job, opts, started):
+    extracted, new_skipped = _collect(index, job.parts_dir, job.chunks)
+    result = _assemble(index, job.plan, job.old, extracted, new_skipped, job.path, job.spec,
+                       job.model, opts, started, job.n_resumed)
+    shutil.rmtree(job.parts_dir, ignore_errors=True)
     return result
+
 
 
 def _remove_leftovers(path, parts_dir):
@@ -262,7 +308,7 @@ def _verify_written(path, spec, opts):
         print(checked.summary(), file=sys.stderr)
 
 
-def _existing_file(path, spec, overwrite):
+def _existing_file(path, identity, overwrite):
     """The old file's rows (without features) when it can be extended, else None."""
     if not path.exists() or overwrite:
         return None
@@ -270,11 +316,12 @@ def _existing_file(path, spec, overwrite):
         old = load(path, features=False)
     except DataError as err:
         raise UsageError(f"{err}; pass --overwrite to replace it") from None
-    changed = [f"{k}={old.attrs.get(k)!r} (now {v!r})" for k, v in spec.identity().items()
-               if str(old.attrs.get(k, "")) != str(v)]
+    made = {**{"decode": FILE_DECODE_DEFAULT}, **old.attrs}
+    changed = [f"{k}={made.get(k)!r} (now {v!r})" for k, v in identity.items()
+               if str(made.get(k, "")) != str(v)]
     if changed:
-        raise UsageError(f"'{path}' was made with other settings: {', '.join(changed)}; pass "
-                         "--overwrite to replace it or --out to write elsewhere")
+        raise UsageError(f"'{path}' was made with other settings: {', '.join(changed)}; pass the "
+                         "same options, --overwrite to replace it or --out to write elsewhere")
     return old
 
 
@@ -323,11 +370,8 @@ def _plan(index, old, out_dir, path, opts):
 
 
 def _same_content(abs_path, old_sha1):
-    try:
-        with open(abs_path, "rb") as fh:
-            return content_hash(fh.read()) == old_sha1
-    except OSError:
-        return False
+    return file_sha1(abs_path) == old_sha1
+
 
 
 def _splits(index, old, keep, out_dir, path, opts):
@@ -359,78 +403,19 @@ def _chunks(pending, index, stats, chunk_size):
         yield f"part-{k:06d}-{digest}.npz", members
 
 
-def _safe_load(abs_path, size, resize, max_pixels, then=None, clock=None):
-    """(rgb or then(rgb), sha1), or the ImageError saying why the file cannot be decoded.
+def _valid_part(part_path, index, members, keys):
+    """A part's ``keys`` when it holds exactly the images of ``members`` (by path), else None.
 
-    Only decoding is guarded: an error in ``then`` (the network) is a real failure and propagates.
-    ``clock`` (a dict) receives ``started`` and ``decoded`` monotonic times, so the caller can time
-    the decoding alone.
+    Parts store paths, not index positions: a part made before the folder changed (an image
+    added or removed shifts every position) is used for the same images or not at all.
     """
-    clock = {} if clock is None else clock
-    clock["started"] = time.monotonic()
-    try:
-        rgb, sha1 = load_image(abs_path, size, resize, max_pixels=max_pixels)
-    except ImageError as err:
-        return err
-    except Exception as err:  # never let one file end the run
-        return ImageError(f"cannot decode: {type(err).__name__}: {err}")
-    finally:
-        clock["decoded"] = time.monotonic()
-    return (rgb if then is None else then(rgb)), sha1
-
-
-def _result_within(future, clock, timeout):
-    """The future's result, or an ImageError once its decoding (not the network) passed ``timeout``.
-
-    A task that has not started when the time is up sits behind decoders stuck on earlier files:
-    it is reported too, so no file can hang the run.
-    """
-    while True:
-        started = clock.get("started")
-        if "decoded" in clock:
-            return future.result()  # decoded: what is left is the network, which is never cut short
-        left = timeout if started is None else timeout - (time.monotonic() - started)
-        try:
-            return future.result(timeout=max(left, 0.01))
-        except FuturesTimeout:
-            if "decoded" not in clock and (clock.get("started") is None
-                                           or time.monotonic() - clock["started"] >= timeout):
-                return ImageError(f"{TIMEOUT_REASON} {timeout:.0f} s")
-
-
-def decoded_stream(abs_paths, size, resize, *, workers=None, prefetch=256, max_pixels=DEFAULT_MAX_PIXELS,
-                   timeout=DECODE_TIMEOUT, then=None):
-    """Yield ``(rgb, sha1)`` or an ImageError per path, in order, decoding ahead in threads.
-
-    Decoding (PIL releases the GIL) overlaps the forward pass running in the caller's thread.
-    With ``then``, each worker thread yields ``(then(rgb), sha1)`` instead: extract passes
-    ``FeatureModel.one`` for engines that run single images in many threads, so one thread decodes
-    an image while another runs the network. An image whose decoding takes longer than ``timeout``
-    seconds is reported as unreadable, so no single file can hang the run.
-    """
-    workers = workers or max(2, min(8, os.cpu_count() or 2))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurepipe-decode")
-    futures = deque()
-    paths = iter(abs_paths)
-
-    def submit(path):
-        clock = {}
-        futures.append((pool.submit(_safe_load, path, size, resize, max_pixels, then, clock), clock))
-
-    try:
-        for p in paths:
-            submit(p)
-            if len(futures) >= prefetch:
-                break
-        while futures:
-            result = _result_within(*futures.popleft(), timeout)
-            nxt = next(paths, None)
-            if nxt is not None:
-                submit(nxt)
-            yield result
-    finally:
-        # Do not wait for a decoder stuck on a pathological file.
-        pool.shutdown(wait=False, cancel_futures=True)
+    part = load_part(part_path, keys=tuple(dict.fromkeys(("paths", "bad_paths") + tuple(keys))))
+    if part is None:
+        return None
+    held = [str(p) for p in part["paths"]] + [str(p) for p in part["bad_paths"]]
+    if sorted(held) != sorted(index.paths[p] for p in members):
+        return None
+    return part
 
 
 def _progress(total, desc, quiet):
@@ -440,37 +425,60 @@ def _progress(total, desc, quiet):
                 file=sys.stderr, smoothing=0.1)
 
 
-def _run_chunks(index, plan, model, spec, parts_dir, opts):
-    """Extract pending images chunk by chunk into part files; return (part files, skipped).
-
-    Parts stay on disk: memory holds one chunk at a time however many images there are.
-    """
-    chunk_size = opts.chunk_size or max(opts.batch_size * 8, 256)
-    chunks = list(_chunks(plan.pending, index, plan.stats, chunk_size))
-    _prepare_parts_dir(parts_dir, spec)
-    done = {name: load_part(parts_dir / name, keys=("positions",)) for name, _ in chunks}
-    todo = [(name, members) for name, members in chunks if done[name] is None]
-    n_resumed = sum(len(part["positions"]) for part in done.values() if part is not None)
-    bar = _progress(len(plan.pending), spec.backbone, opts.quiet)
-    bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
-    if not todo:  # every chunk is on disk: no engine to build (nor to record in the file)
+def _run_local(index, jobs, opts):
+    """Read every image some backbone still needs once, and push it into each such backbone's chunk."""
+    active = [job for job in jobs if job.todo]
+    n_pending = sum(len(job.plan.pending) for job in jobs)
+    bar = _progress(n_pending, "+".join(job.spec.backbone for job in jobs), opts.quiet)
+    bar.update(n_pending - sum(len(m) for job in active for _, m in job.todo))
+    if not active:  # every chunk is on disk: no engine to build (nor to record in the file)
         bar.close()
-        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
-    if opts.dask is not None:
-        return (*_run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar), n_resumed)
-    work = [p for _, members in todo for p in members]
-    # Per-image engines run the network in the decode threads; batch engines in this thread.
-    featurize = _stacked_features if model.per_image else model
-    stream = decoded_stream([index.absolute(index.paths[p]) for p in work], spec.image_size,
-                            spec.resize, workers=opts.workers or (model.engine.parallel if model.per_image else None),
-                            max_pixels=opts.max_pixels, then=model.one if model.per_image else None)
+        return
+    feeds = [_Feed(job, index, opts, bar) for job in active]
+    wanted_by = {}  # index position -> the feeds that need it, in feed order
+    for feed in feeds:
+        for pos in feed.positions:
+            wanted_by.setdefault(pos, []).append(feed)
+    order = sorted(wanted_by)
+    targets = {index.absolute(index.paths[p]): tuple(f.target for f in wanted_by[p]) for p in order}
+    parallel = [f.job.model.engine.parallel for f in feeds if f.per_image]
+    stream = read_images(list(targets), targets.__getitem__, max_pixels=opts.max_pixels,
+                         workers=opts.workers or (max(parallel) if parallel else None))
     try:
-        for name, members in todo:
-            save_part(parts_dir / name, **_extract_chunk(members, stream, featurize, opts.batch_size, bar))
+        for pos, item in zip(order, stream):
+            for slot, feed in enumerate(wanted_by[pos]):
+                feed.add(item if isinstance(item, ImageError) else (item.outputs[slot], item.sha1))
     finally:
         stream.close()
         bar.close()
-    return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
+
+
+class _Feed:
+    """One backbone's unfinished chunks, filled image by image in order; each full chunk is saved."""
+
+    def __init__(self, job, index, opts, bar):
+        self.job, self.index, self.opts, self.bar = job, index, opts, bar
+        model = job.model
+        self.per_image = model.per_image  # then the network runs in the reader's threads
+        self.target = Target(job.spec.image_size, job.spec.resize, opts.decode,
+                             then=model.one if self.per_image else None)
+        self.featurize = _stacked_features if self.per_image else model
+        self.positions = [p for _, members in job.todo for p in members]
+        self.chunks = deque(job.todo)
+        self._start_chunk()
+
+    def _start_chunk(self):
+        self.builder = None
+        if self.chunks:
+            self.name, members = self.chunks.popleft()
+            self.builder = _ChunkBuilder([self.index.paths[p] for p in members], self.featurize,
+                                         self.opts.batch_size, self.bar)
+
+    def add(self, item):
+        self.builder.add(item)
+        if self.builder.complete:
+            save_part(self.job.parts_dir / self.name, **self.builder.part())
+            self._start_chunk()
 
 
 def _dask_session(address):
@@ -481,89 +489,122 @@ def _dask_session(address):
     return session(address)
 
 
-def _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar):
-    """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
+def _run_chunks_on_dask(index, job, opts):
+    """One backbone's unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
     from .distributed import chunk_jobs, run_chunks
 
-    jobs = chunk_jobs(todo, index=index, model=model, parts_dir=parts_dir, opts=opts)
+    bar = _progress(len(job.plan.pending), job.spec.backbone, opts.quiet)
+    bar.update(len(job.plan.pending) - sum(len(m) for _, m in job.todo))
+    if not job.todo:
+        bar.close()
+        return
+    tasks = chunk_jobs(job.todo, index=index, model=job.model, parts_dir=job.parts_dir, opts=opts)
     try:
-        run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
-                   decoded_stream=decoded_stream, quiet=opts.quiet)
+        run_chunks(opts.dask, tasks, model=job.model, bar=bar, extract_chunk=_extract_chunk,
+                   quiet=opts.quiet)
     finally:
         bar.close()
-    return _collect([parts_dir / name for name, _ in chunks])
 
 
-def _prepare_parts_dir(parts_dir, spec):
+def _prepare_parts_dir(parts_dir, identity):
     marker = parts_dir / "settings.json"
     import json
 
     if parts_dir.exists():
         try:
-            same = json.loads(marker.read_text()) == spec.identity()
+            same = json.loads(marker.read_text()) == identity
         except (OSError, ValueError):
             same = False
         if not same:
             shutil.rmtree(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
-        write_json_atomic(marker, spec.identity())
+        write_json_atomic(marker, identity)
 
 
 def _stacked_features(rows):
     return rows
 
 
-def _extract_chunk(members, stream, featurize, batch_size, bar):
-    """Features of one chunk; batches never cross chunk boundaries, so a resumed run repeats them.
+class _ChunkBuilder:
+    """Features of one chunk, fed one image at a time in order.
 
-    ``featurize`` maps the stacked stream items of a batch to features: the FeatureModel for
-    decoded images, ``_stacked_features`` when the stream already yields feature rows.
+    Batches never cross chunk boundaries (a resumed run repeats them exactly). ``featurize`` maps
+    a batch's stacked items to features: the FeatureModel for images, ``_stacked_features`` when
+    the items already are feature rows. An item is ``(array, sha1)`` or an ImageError.
     """
-    ok_pos, feats, sha1s, bad_pos, reasons = [], [], [], [], []
-    for start in range(0, len(members), batch_size):
-        batch_pos = members[start:start + batch_size]
-        images, good = [], []
-        for pos in batch_pos:
-            item = next(stream)
-            if isinstance(item, ImageError):
-                bad_pos.append(pos)
-                reasons.append(str(item))
-            else:
-                images.append(item[0])
-                good.append(pos)
-                sha1s.append(item[1])
-        if images:
-            feats.append(featurize(np.stack(images)))
-            ok_pos += good
-        bar.update(len(batch_pos))
-    dim = feats[0].shape[1] if feats else 0
-    return {
-        "positions": np.array(ok_pos, dtype=np.int64),
-        "features": np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
-        "sha1": np.array(sha1s, dtype="U40"),
-        "bad_positions": np.array(bad_pos, dtype=np.int64),
-        "bad_reasons": np.array(reasons, dtype=str),
-    }
+
+    def __init__(self, member_paths, featurize, batch_size, bar):
+        self.paths = list(member_paths)
+        self.featurize, self.batch_size, self.bar = featurize, batch_size, bar
+        self.n_added = self.n_counted = 0
+        self.batch, self.batch_paths, self.batch_sha1 = [], [], []
+        self.ok_paths, self.feats, self.sha1s, self.bad_paths, self.reasons = [], [], [], [], []
+
+    @property
+    def complete(self):
+        return self.n_added == len(self.paths)
+
+    def add(self, item):
+        path = self.paths[self.n_added]
+        self.n_added += 1
+        if isinstance(item, ImageError):
+            self.bad_paths.append(path)
+            self.reasons.append(str(item))
+        else:
+            self.batch.append(item[0])
+            self.batch_paths.append(path)
+            self.batch_sha1.append(item[1])
+        if self.n_added % self.batch_size == 0 or self.complete:
+            self._flush()
+
+    def _flush(self):
+        if self.batch:
+            self.feats.append(self.featurize(np.stack(self.batch)))
+            self.ok_paths += self.batch_paths
+            self.sha1s += self.batch_sha1
+        self.bar.update(self.n_added - self.n_counted)
+        self.n_counted = self.n_added
+        self.batch, self.batch_paths, self.batch_sha1 = [], [], []
+
+    def part(self):
+        dim = self.feats[0].shape[1] if self.feats else 0
+        return {
+            "paths": np.array(self.ok_paths, dtype=str),
+            "features": np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32),
+            "sha1": np.array(self.sha1s, dtype="U40"),
+            "bad_paths": np.array(self.bad_paths, dtype=str),
+            "bad_reasons": np.array(self.reasons, dtype=str),
+        }
 
 
-def _collect(part_files):
+def _extract_chunk(member_paths, stream, featurize, batch_size, bar):
+    """A chunk's part (see ``_ChunkBuilder``) from a stream of ``(array, sha1)`` or ImageError."""
+    builder = _ChunkBuilder(member_paths, featurize, batch_size, bar)
+    for _ in member_paths:
+        builder.add(next(stream))
+    return builder.part()
+
+
+def _collect(index, parts_dir, chunks):
     """The part files that hold rows, and {index position: reason} of the unreadable images."""
+    position = {p: i for i, p in enumerate(index.paths)}
     with_rows, skipped = [], {}
-    for path in part_files:
-        part = load_part(path, keys=("positions", "bad_positions", "bad_reasons"))
+    for name, members in chunks:
+        part = _valid_part(parts_dir / name, index, members, ("bad_reasons",))
         if part is None:
-            raise DataError(f"part file '{path}' vanished or is damaged; run the same command again")
-        skipped.update(zip(part["bad_positions"].tolist(), part["bad_reasons"].tolist()))
-        if len(part["positions"]):
-            with_rows.append(path)
+            raise DataError(f"part file '{parts_dir / name}' vanished or is damaged; run the same command again")
+        skipped.update((position[str(p)], str(r)) for p, r in zip(part["bad_paths"], part["bad_reasons"]))
+        if len(part["paths"]):
+            with_rows.append(parts_dir / name)
     return with_rows, skipped
 
 
 def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed=0):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
-    part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
-    good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
+    position = {p: i for i, p in enumerate(index.paths)}
+    part_positions = [[position[str(p)] for p in load_part(part, keys=("paths",))["paths"]] for part in parts]
+    good_positions = sorted(set(plan.keep) | {p for positions in part_positions for p in positions})
     if not good_positions:
         reasons = sorted(set(new_skipped.values()))[:3]
         raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
@@ -577,7 +618,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     try:
         _write_kept(writer, index, plan, old, row_of)
         for part in parts:
-            _write_part(writer, index, plan, load_part(part), row_of)
+            _write_part(writer, index, plan, load_part(part), row_of, position)
         skipped = _skipped_rows(index, plan, new_skipped)
         writer.write_skipped(skipped)
         dup_groups, dup_leaks = _duplicates(writer)
@@ -614,8 +655,8 @@ def _write_kept(writer, index, plan, old, row_of):
                           sha1=[old.sha1[r] for r in old_rows], **_row_fields(index, plan, positions))
 
 
-def _write_part(writer, index, plan, part, row_of):
-    positions = [int(p) for p in part["positions"]]
+def _write_part(writer, index, plan, part, row_of, position):
+    positions = [position[str(p)] for p in part["paths"]]
     writer.write_rows([row_of[p] for p in positions], features=part["features"],
                       sha1=list(part["sha1"]), **_row_fields(index, plan, positions))
 
@@ -693,6 +734,7 @@ def _attrs(index, spec, model, opts, dim, old, now):
         test_size=opts.test_size,
         val_size=opts.val_size,
         split_source="given" if index.given_split is not None else "assigned",
+        decode=opts.decode,
         created=(old.attrs.get("created") if old is not None else None) or now,
         updated=now,
     )
@@ -733,6 +775,11 @@ def build_parser():
                    help="image decoding threads, >= 1 (with the litert engine each also runs the network; "
                         "default one per core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    p.add_argument("--decode", choices=tuple(DECODE_MODES), default=DEFAULT_DECODE,
+                   help="scaled: JPEGs decoded at the smallest 1/2, 1/4, 1/8 scale keeping twice the "
+                        "input size (default, several times faster on large photos); exact: every pixel")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="read CSV manifest rows naming files outside the manifest's folder")
     p.add_argument("--dask", metavar="ADDRESS",
                    help="run the chunks on Dask: tcp://HOST:8786 (a running scheduler; OUT must be "
                         "on a filesystem all workers share), local (a worker per core) or local:N")
@@ -769,7 +816,8 @@ def main(argv=None):
                    resize=args.resize, augment=args.augment, test_size=args.test_size,
                    val_size=args.val_size, seed=args.seed, overwrite=args.overwrite,
                    engine=args.engine, quiet=args.quiet, max_pixels=args.max_pixels,
-                   workers=args.workers, dask=args.dask,
+                   workers=args.workers, dask=args.dask, decode=args.decode,
+                   allow_outside=args.allow_outside,
                    verify=0 if args.no_verify else EXTRACT_SAMPLE)
     with warnings.catch_warnings():
         warnings.showwarning = warn_line

@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from .backbones import get_backbone, make_spec
 from .engines import FeatureModel
 from .errors import ImageError, UsageError
-from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, file_stat, resize_array
+from .reader import DEFAULT_DECODE, RESIZE_MODES, Target, check_decode, file_stat, read_images, resize_array
 
 
 class CNNFeatures(TransformerMixin, BaseEstimator):
@@ -25,8 +25,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     ----------
     backbone : str, default="mobilenet_v2"
         A registry name or ``file:PATH``.
-    layer, pooling, image_size, resize, augment, weights, preprocess :
-        As for ``python -m featurepipe.extract``.
+    layer, pooling, image_size, resize, augment, weights, preprocess, decode :
+        As for ``python -m featurepipe.extract`` (``decode`` applies to image files).
     batch_size : int, default=32
     engine : str, default="auto"
     cache : str or Path, optional
@@ -42,7 +42,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone="mobilenet_v2", *, layer=None, pooling="avg", image_size=None,
                  resize="stretch", augment="none", weights=None, preprocess=None, batch_size=32,
-                 engine="auto", cache=None):
+                 engine="auto", cache=None, decode=DEFAULT_DECODE):
         self.backbone = backbone
         self.layer = layer
         self.pooling = pooling
@@ -54,6 +54,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.engine = engine
         self.cache = cache
+        self.decode = decode
 
     def fit(self, X=None, y=None):
         """Validate the parameters and resolve the weights; no learning happens."""
@@ -61,6 +62,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
             raise UsageError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if int(self.batch_size) < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        check_decode(self.decode)
         entry = get_backbone(self.backbone, preprocess_mode=self.preprocess)
         self.spec_, self.weights_ = make_spec(entry, layer=self.layer, pooling=self.pooling,
                                               image_size=self.image_size, resize=self.resize,
@@ -115,20 +117,20 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         size = self.spec_.image_size
         out = []
         for start in range(0, len(images), int(self.batch_size)):
-            batch = np.clip(np.asarray(images[start:start + int(self.batch_size)]), 0, 255).astype(np.uint8)
+            # Rounded as the engine rounds other dtypes (not truncated).
+            batch = np.clip(np.rint(np.asarray(images[start:start + int(self.batch_size)])), 0, 255).astype(np.uint8)
             batch = np.stack([resize_array(im, size, self.resize) for im in batch])
             out.append(self._model(batch))
         return np.concatenate(out) if out else np.zeros((0, self.n_features_out_), np.float32)
 
     def _from_files(self, paths):
-        from .extract import decoded_stream
-
-        size, batch_size = self.spec_.image_size, int(self.batch_size)
+        target = Target(self.spec_.image_size, self.spec_.resize, self.decode)
+        batch_size = int(self.batch_size)
         out, batch = [], []
-        for path, item in zip(paths, decoded_stream(paths, size, self.spec_.resize, max_pixels=DEFAULT_MAX_PIXELS)):
+        for path, item in zip(paths, read_images(paths, [target])):
             if isinstance(item, ImageError):
                 raise ImageError(f"{path}: {item}")
-            batch.append(item[0])
+            batch.append(item.outputs[0])
             if len(batch) == batch_size:
                 out.append(self._model(np.stack(batch)))
                 batch = []
@@ -141,7 +143,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
 
         from .store import STR
 
-        key = "/".join(f"{k}={v}" for k, v in sorted(self.spec_.identity().items())).replace("/", "|")
+        identity = {**self.spec_.identity(), "decode": self.decode}
+        key = "/".join(f"{k}={v}" for k, v in sorted(identity.items())).replace("/", "|")
         keys = [f"{p}|{'|'.join(map(str, file_stat(p)))}" if os.path.exists(p) else p for p in paths]
         Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(self.cache, "a") as f:

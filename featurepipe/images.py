@@ -1,17 +1,23 @@
-"""Find labelled images on disk and decode them to RGB arrays (no TensorFlow here).
+"""Find labelled images on disk: the one folder walker of every stage (decoding: ``reader``).
 
 Three layouts are understood:
 
 * ``ROOT/<class>/...``                  one folder per class (nested folders are searched too);
 * ``ROOT/{train,val,test}/<class>/...`` the split is then taken as given;
-* a CSV manifest ``path,label[,split]``  paths relative to the CSV's folder (or absolute).
+* a CSV manifest ``path,label[,split]``  paths relative to the CSV's folder (rows leaving that
+  folder are refused unless ``allow_outside``).
+
+Walking rules (``walk_images``): hidden names are ignored; symlinked folders are followed but each
+real folder is visited once (a loop ends); folders passed as ``exclude`` (the output folder) are
+never entered; every non-folder entry with an image extension is listed, so that a FIFO, a device
+or a broken symlink reaches the reader, which refuses it with a reason recorded like any
+unreadable image (only regular files are ever opened).
 
 Classes are sorted by name; paths are stored relative to the data root with ``/`` separators.
 """
 
 import csv
 import hashlib
-import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,14 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ImageError, UsageError
+from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-RESIZE_MODES = ("stretch", "crop", "pad")
-DEFAULT_MAX_PIXELS = 100_000_000
-EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held
 
 
 @dataclass(frozen=True)
@@ -67,21 +70,70 @@ def is_image_file(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder):
-    """Sorted image files below ``folder`` (recursive, hidden files and folders skipped)."""
+def _folder_key(path):
+    """What identifies a real folder, whatever symlinks lead to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _exclude_keys(exclude):
+    keys = set()
+    for folder in exclude:
+        try:
+            keys.add(_folder_key(folder))
+        except OSError:
+            pass  # not made yet: holds nothing to skip
+    return keys
+
+
+def walk_images(folder, *, exclude=(), seen=None):
+    """Sorted image entries below ``folder`` (see the module's walking rules).
+
+    Parameters
+    ----------
+    folder : str or Path
+    exclude : iterable of str or Path
+        Folders never entered (e.g. the output folder when it lies inside the data).
+    seen : set, optional
+        Keys (``_folder_key``) of folders already visited, shared by the walks of one listing
+        and updated; ``folder`` itself is walked even when in it.
+
+    Returns
+    -------
+    list of Path
+    """
+    seen = set() if seen is None else seen
+    seen |= _exclude_keys(exclude)
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_warn_unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # Regular files (and symlinks, a broken one is then recorded as skipped): a FIFO or
-        # device named .jpg would block the reader forever.
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f) and (
-            os.path.isfile(os.path.join(dirpath, f)) or os.path.islink(os.path.join(dirpath, f))))
+
+    def visit(path, top=False):
+        try:
+            key = _folder_key(path)
+            if key in seen and not top:
+                return
+            seen.add(key)
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as err:
+            warnings.warn(f"cannot read folder '{path}' ({err.strerror or err}): its images are "
+                          "left out", stacklevel=4)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry):
+                visit(entry.path)
+            elif is_image_file(entry.name):
+                found.append(Path(entry.path))
+
+    visit(folder, top=True)
     return sorted(found)
 
 
-def _warn_unreadable(err):
-    warnings.warn(f"cannot read folder '{err.filename}' ({err.strerror}): its images are left out",
-                  stacklevel=2)
+def _is_dir(entry):
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _warn_loose_images(folder):
@@ -92,17 +144,35 @@ def _warn_loose_images(folder):
                       f"and are left out (e.g. {loose[0]}); move them into a class folder", stacklevel=3)
 
 
-def _subfolders(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+def expand_paths(items, *, exclude=()):
+    """Image files from files and folders, in the order given (folders walked by ``walk_images``).
+
+    A file named directly is kept whatever it is: the reader gives the verdict on it.
+    """
+    out = []
+    for item in items:
+        path = Path(item)
+        out += walk_images(path, exclude=exclude) if path.is_dir() else [path]
+    return out
 
 
-def _has_split_level(root):
-    names = [p.name.lower() for p in _subfolders(root)]
+def _subfolders(folder, exclude_keys=frozenset()):
+    found = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if _folder_key(p) not in exclude_keys:
+            found.append(p)
+    return found
+
+
+def _has_split_level(root, exclude_keys):
+    names = [p.name.lower() for p in _subfolders(root, exclude_keys)]
     return bool(names) and all(n in SPLIT_ALIASES for n in names) and any(
-        _subfolders(p) for p in _subfolders(root))
+        _subfolders(p, exclude_keys) for p in _subfolders(root, exclude_keys))
 
 
-def list_images(data):
+def list_images(data, *, exclude=(), allow_outside=False):
     """Index the labelled images of a folder or a CSV manifest.
 
     Parameters
@@ -110,6 +180,10 @@ def list_images(data):
     data : str or Path
         A folder of class folders, a folder of ``train/val/test`` folders of class folders, or a
         ``.csv`` manifest with columns ``path,label[,split]``.
+    exclude : iterable of str or Path
+        Folders never listed (the output folder).
+    allow_outside : bool
+        Accept CSV rows naming files outside the manifest's folder (stored as absolute paths).
 
     Returns
     -------
@@ -121,28 +195,27 @@ def list_images(data):
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise UsageError(f"--data '{data}' is a file but not a .csv manifest (path,label[,split])")
-        return _index_from_csv(data)
-    return _index_from_folders(data)
+        return _index_from_csv(data, allow_outside)
+    return _index_from_folders(data, list(exclude))
 
 
-def _index_from_folders(root):
+def _index_from_folders(root, exclude):
     root = root.resolve()
-    entries = []  # (rel_path, class_name, split or None)
+    exclude_keys = _exclude_keys(exclude)
+    entries = []  # (path, class_name, split or None)
     class_folders = {}
-    _warn_loose_images(root)
-    if _has_split_level(root):
-        for split_dir in _subfolders(root):
-            _warn_loose_images(split_dir)
-            split = SPLIT_ALIASES[split_dir.name.lower()]
-            for class_dir in _subfolders(split_dir):
-                class_folders.setdefault(class_dir.name, []).append(class_dir)
-                entries += [(f, class_dir.name, split) for f in _walk_images(class_dir)]
-        given = True
-    else:
-        for class_dir in _subfolders(root):
-            class_folders.setdefault(class_dir.name, []).append(class_dir)
-            entries += [(f, class_dir.name, None) for f in _walk_images(class_dir)]
-        given = False
+    given = _has_split_level(root, exclude_keys)
+    split_dirs = _subfolders(root, exclude_keys) if given else [root]
+    for folder in ([root] if given else []) + split_dirs:
+        _warn_loose_images(folder)
+    layout = [(d, c) for d in split_dirs for c in _subfolders(d, exclude_keys)]
+    # One walk: a symlink from a class folder to the root or to another class is not followed.
+    seen = exclude_keys | {_folder_key(root)} | {_folder_key(d) for d in split_dirs}
+    seen |= {_folder_key(c) for _, c in layout}
+    for split_dir, class_dir in layout:
+        split = SPLIT_ALIASES[split_dir.name.lower()] if given else None
+        class_folders.setdefault(class_dir.name, []).append(class_dir)
+        entries += [(f, class_dir.name, split) for f in walk_images(class_dir, seen=seen)]
     if not class_folders:
         raise DataError(f"no class folders in '{root}'; expected ROOT/<class>/<image> "
                         "or ROOT/train/<class>/<image>, or pass a CSV manifest")
@@ -150,7 +223,19 @@ def _index_from_folders(root):
     return _make_index(root, rel, sorted(class_folders), given)
 
 
-def _index_from_csv(csv_path):
+def _manifest_path(root, path, where, allow_outside):
+    """The stored path of a manifest row: relative to ``root``, or absolute when allowed outside."""
+    full = Path(os.path.normpath(path if os.path.isabs(path) else root / path))
+    try:
+        return full.relative_to(root).as_posix()
+    except ValueError:
+        if not allow_outside:
+            raise DataError(f"{where}: '{path}' is outside the manifest's folder '{root}'; move the "
+                            "image there or pass --allow-outside to read it anyway") from None
+        return full.as_posix()
+
+
+def _index_from_csv(csv_path, allow_outside):
     root = csv_path.resolve().parent
     rows = []
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
@@ -165,11 +250,7 @@ def _index_from_csv(csv_path):
             split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else None
             if split is not None and split not in SPLIT_ALIASES:
                 raise DataError(f"{csv_path}:{lineno}: split must be train, val or test, got '{split}'")
-            full = Path(path) if os.path.isabs(path) else root / path
-            try:
-                rel_path = full.resolve().relative_to(root).as_posix()
-            except ValueError:
-                rel_path = full.resolve().as_posix()
+            rel_path = _manifest_path(root, path, f"{csv_path}:{lineno}", allow_outside)
             rows.append((rel_path, label, SPLIT_ALIASES.get(split)))
     splits = {s for _, _, s in rows}
     if None in splits and len(splits) > 1:
@@ -247,114 +328,3 @@ def assign_split(paths, labels, *, test_size, val_size, seed, known=None):
         for rank, i in enumerate(members):
             result[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
     return result
-
-
-# --------------------------------------------------------------------------- decode
-
-
-def file_stat(path):
-    """(size in bytes, modification time in ns) of a file."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def content_hash(data):
-    """sha1 hex digest of a file's bytes (for duplicate detection and edit detection)."""
-    return hashlib.sha1(data).hexdigest()
-
-
-def _to_rgb_array(img):
-    """An RGB uint8 array from any PIL mode, scaling 16-bit and float data instead of clipping."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        gray = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max() <= 1.0 else 255.0
-        gray = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def resize_array(rgb, size, resize="stretch"):
-    """Resize an RGB uint8 array (H, W, 3) to (size, size, 3) with bilinear filtering.
-
-    ``stretch`` resizes the whole image (no crop); ``crop`` resizes the short side to ``size`` and
-    centre-crops; ``pad`` resizes the long side to ``size`` and pads with black.
-    """
-    from PIL import Image
-
-    if resize not in RESIZE_MODES:
-        raise UsageError(f"unknown resize mode '{resize}'; use one of {', '.join(RESIZE_MODES)}")
-    h, w = rgb.shape[:2]
-    if (h, w) == (size, size):
-        return rgb
-    img = Image.fromarray(rgb)
-    if resize == "stretch":
-        return np.asarray(img.resize((size, size), Image.BILINEAR))
-    scale = size / min(h, w) if resize == "crop" else size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(img.resize((new_w, new_h), Image.BILINEAR))
-    if resize == "crop":
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        return resized[top:top + size, left:left + size]
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = resized
-    return out
-
-
-def decode_bytes(data, *, max_pixels=DEFAULT_MAX_PIXELS):
-    """Decode image bytes to an RGB uint8 array (H, W, 3), applying EXIF orientation.
-
-    Raises ImageError with a short reason for empty, unreadable, truncated or oversized images.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"too many pixels ({w}x{h} > {max_pixels}; possible decompression bomb)")
-            img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
-                img = ImageOps.exif_transpose(img)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            rgb = _to_rgb_array(img)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unidentified format)") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"decompression bomb: {err}") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
-        raise ImageError(f"cannot decode: {err}") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ImageError(f"unexpected decoded shape {rgb.shape}")
-    return rgb
-
-
-def load_image(path, size, resize="stretch", *, max_pixels=DEFAULT_MAX_PIXELS):
-    """Read, decode and resize one image file.
-
-    Returns
-    -------
-    rgb : ndarray of shape (size, size, 3), uint8
-    sha1 : str
-        Content hash of the file's bytes.
-    """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise ImageError(f"cannot read: {err.strerror or err}") from None
-    return resize_array(decode_bytes(data, max_pixels=max_pixels), size, resize), content_hash(data)

@@ -8,7 +8,6 @@ model (from ``featurepipe.finetune``) is handed to that module.
 """
 
 import csv
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from .cli import OneLineParser, warn_line
 from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
-from .images import is_image_file
+from .images import expand_paths
+from .reader import read_images, target_from_attrs
 
 CHUNK = 256
 
@@ -56,17 +56,8 @@ def load_model(model_path):
 
 
 def expand_images(items):
-    """Image files from files and folders (folders searched recursively, sorted)."""
-    out = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out.extend(str(Path(dirpath) / f) for f in sorted(filenames) if is_image_file(f))
-        else:
-            out.append(str(p))
-    return out
+    """Image files from files and folders (folders walked as extract walks them)."""
+    return [str(p) for p in expand_paths(items)]
 
 
 def feature_models(bundle, *, engine="auto"):
@@ -130,10 +121,11 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
         return
     bundle = load_model(model_path)
     models = feature_models(bundle, engine=engine)
+    targets = [target_from_attrs(b["attrs"]) for b in bundle["blocks"]]
     classes = list(bundle["class_names"])
     for start in range(0, len(paths), CHUNK):
         chunk = paths[start:start + CHUNK]
-        X, good, errors = _chunk_features(chunk, models, batch_size, workers)
+        X, good, errors = _chunk_features(chunk, models, targets, batch_size, workers)
         proba = bundle["model"].predict_proba(X) if len(good) else np.zeros((0, len(classes)))
         answers = dict(zip(good, proba))
         for i, path in enumerate(chunk):
@@ -148,26 +140,19 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
             yield Prediction(path, label, float(p[k]))
 
 
-def _chunk_features(chunk, models, batch_size, workers):
-    """Features (n_good, D) of the readable images of ``chunk``, their indices, and errors."""
-    from .extract import decoded_stream
+def _chunk_features(chunk, models, targets, batch_size, workers):
+    """Features (n_good, D) of the readable images of ``chunk``, their indices, and errors.
 
-    decoded = {}
-    errors = {}
-    for m in models:
-        key = (m.spec.image_size, m.spec.resize)
-        if key not in decoded:
-            decoded[key] = list(decoded_stream(chunk, m.spec.image_size, m.spec.resize, workers=workers))
-            for i, item in enumerate(decoded[key]):
-                if isinstance(item, ImageError):
-                    errors.setdefault(i, str(item))
+    Each image is read once for every block (each read as its feature file was made).
+    """
+    reads = list(read_images(chunk, targets, workers=workers))
+    errors = {i: str(r) for i, r in enumerate(reads) if isinstance(r, ImageError)}
     good = [i for i in range(len(chunk)) if i not in errors]
     if not good:
         return np.zeros((0, 0), np.float32), good, errors
     blocks = []
-    for m in models:
-        images = decoded[(m.spec.image_size, m.spec.resize)]
-        feats = [m(np.stack([images[i][0] for i in good[s:s + batch_size]]))
+    for k, m in enumerate(models):
+        feats = [m(np.stack([reads[i].outputs[k] for i in good[s:s + batch_size]]))
                  for s in range(0, len(good), batch_size)]
         blocks.append(np.concatenate(feats))
     return join_blocks(blocks), good, errors

@@ -16,7 +16,7 @@ from .cli import OneLineParser
 from .checks import check_at_least, check_seed, check_tolerance
 from .engines import feature_model_from_attrs
 from .errors import DataError, ImageError, UsageError
-from .images import load_image
+from .reader import read_images, target_from_attrs
 from .store import iter_feature_blocks, load
 
 DEFAULT_TOLERANCE = 1e-4
@@ -127,13 +127,14 @@ def verify(path, *, sample=32, seed=0, data=None, weights=None, tolerance=DEFAUL
         raise DataError(f"the image folder recorded in '{path}' ({root}) is gone; pass its new place with --data")
     rows = sample_rows(len(f), sample, seed)
     model = feature_model_from_attrs(attrs, engine="tf", weights=weights)
-    size, resize = int(attrs["image_size"]), str(attrs.get("resize", "stretch"))
+    target = target_from_attrs(attrs)
     mismatches, errors = [], np.full(len(rows), np.nan)
     at = {int(r): i for i, r in enumerate(rows)}
     for block_rows, stored in iter_feature_blocks(path, rows, block=batch_size):
         images, good = [], []
-        for k, r in enumerate(block_rows.tolist()):
-            problem, rgb = _read_row(root, f.paths[r], f.sha1[r] if f.sha1 is not None else None, size, resize)
+        reads = read_images([str(root / f.paths[r]) for r in block_rows.tolist()], [target])
+        for k, (r, read) in enumerate(zip(block_rows.tolist(), reads)):
+            problem, rgb = _check_read(root, read, f.sha1[r] if f.sha1 is not None else None)
             if problem:
                 mismatches.append(Mismatch(r, f.paths[r], problem))
             else:
@@ -151,15 +152,13 @@ def verify(path, *, sample=32, seed=0, data=None, weights=None, tolerance=DEFAUL
                         mismatches=sorted(mismatches, key=lambda m: m.row), tolerance=tolerance)
 
 
-def _read_row(root, rel_path, sha1, size, resize):
+def _check_read(root, read, sha1):
     """(problem or None, rgb) for one row's image."""
-    try:
-        rgb, digest = load_image(str(root / rel_path), size, resize)
-    except ImageError as err:
-        return f"cannot read its image under '{root}': {err}", None
-    if sha1 and digest != sha1:
-        return f"its image file changed since extraction (sha1 {digest[:10]}..., stored {sha1[:10]}...)", None
-    return None, rgb
+    if isinstance(read, ImageError):
+        return f"cannot read its image under '{root}': {read}", None
+    if sha1 and read.sha1 != sha1:
+        return f"its image file changed since extraction (sha1 {read.sha1[:10]}..., stored {sha1[:10]}...)", None
+    return None, read.outputs[0]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -116,18 +116,20 @@ def test_a_timed_out_image_is_retried_by_the_next_run(tiny_data, tiny_model_path
 
     from featurepipe.store import load
 
+    import featurepipe.reader as reader
+
     release = threading.Event()
-    real_load = extract.load_image
+    real_read = reader.read_image
 
     def hang_once(path, *args, **kwargs):
         if str(path).endswith("img_000.png") and "/red/" in str(path):
             release.wait(30)  # bounded: the test cannot hang
-        return real_load(path, *args, **kwargs)
+        return real_read(path, *args, **kwargs)
 
     args = dict(out=tmp_path / "out", preprocess="scale", engine="tf", quiet=True, verify=0)
     with monkeypatch.context() as mp:
-        mp.setattr(extract, "load_image", hang_once)
-        mp.setattr(extract, "decoded_stream", functools.partial(extract.decoded_stream, timeout=0.5))
+        mp.setattr(reader, "read_image", hang_once)
+        mp.setattr(extract, "read_images", functools.partial(reader.read_images, timeout=0.5))
         [first] = extract.extract(tiny_data, [f"file:{tiny_model_path}"], **args)
     release.set()
     assert first.n_rows == 17 and [p for p, _ in load(first.path).skipped] == ["red/img_000.png"]
@@ -142,15 +144,14 @@ def test_images_next_to_class_folders_and_unreadable_folders_are_named(tmp_path,
 
     root = make_dataset(tmp_path / "d", n_per_class=2)
     make_image(root / "stray.jpg", (1, 2, 3))
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk_with_a_locked_folder(top, *args, onerror=None, **kwargs):
-        if str(top).endswith("green") and onerror is not None:  # as os.walk does on EACCES
-            onerror(PermissionError(13, "Permission denied", str(top)))
-            return iter(())
-        return real_walk(top, *args, onerror=onerror, **kwargs)
+    def scandir_with_a_locked_folder(path="."):
+        if str(path).endswith("green"):  # as listing a folder without read permission does
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "walk", walk_with_a_locked_folder)
+    monkeypatch.setattr(os, "scandir", scandir_with_a_locked_folder)
     with pytest.warns(UserWarning) as caught:
         index = list_images(root)
     messages = " | ".join(str(w.message) for w in caught)

@@ -168,7 +168,7 @@ def test_weights_found_in_env_folder_and_damaged_file_refused(tmp_path, monkeypa
 
 
 def _flower_batch(classes=("daisy", "sunflower"), n=8, size=227):
-    from featurepipe.images import load_image
+    from featurepipe.reader import load_image
 
     images, labels = [], []
     for k, c in enumerate(classes):

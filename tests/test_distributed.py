@@ -77,7 +77,7 @@ def _assert_same_file(path, ref_path):
 
 
 def _logged_chunk(members, stream, model, batch_size, bar, *, log, kill_marker=None, fail_at=None):
-    """``_extract_chunk`` that logs start/end per chunk, and can die or fail on request."""
+    """``_extract_chunk`` that logs start/end (first path) per chunk, and can die or fail on request."""
     with open(log, "a") as fh:
         fh.write(f"start {members[0]} {os.getpid()}\n")
     if kill_marker is not None:
@@ -98,7 +98,7 @@ def _logged_chunk(members, stream, model, batch_size, bar, *, log, kill_marker=N
 def _log(path, kind):
     lines = Path(path).read_text().split() if Path(path).exists() else []
     rows = [lines[i:i + 3] for i in range(0, len(lines), 3)]
-    return [(int(first), int(pid)) for k, first, pid in rows if k == kind]
+    return [(first, int(pid)) for k, first, pid in rows if k == kind]
 
 
 def _patch_chunk(monkeypatch, tmp_path, **kwargs):
@@ -144,7 +144,7 @@ def test_sharded_extraction_equals_single_process(cluster, tiny, tmp_path, monke
 def test_failed_shard_rerun_redoes_only_it(cluster, tiny, tmp_path, monkeypatch):
     data, backbone, ref_path = tiny
     out = tmp_path / "dask"
-    log = _patch_chunk(monkeypatch, tmp_path, fail_at=9)
+    log = _patch_chunk(monkeypatch, tmp_path, fail_at="green/img_001.png")  # in the third chunk
     with pytest.raises(RuntimeError, match="fails"):
         extract(data, [backbone], out=out, preprocess="scale", dask=cluster, quiet=True, **CHUNK)
     assert len(list((out / ".tiny.parts").glob("part-*.npz"))) == 6     # the others were kept
@@ -153,7 +153,7 @@ def test_failed_shard_rerun_redoes_only_it(cluster, tiny, tmp_path, monkeypatch)
     [result] = extract(data, [backbone], out=out, preprocess="scale", dask=cluster, quiet=True, **CHUNK)
     _assert_same_file(result.path, ref_path)
     [(first, _)] = _log(log, "done")
-    assert first <= 9 < first + 4
+    assert first == "green/img_000.png"
 
 
 def test_killed_worker_redoes_only_its_chunk(cluster, tiny, tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def test_litert_split_over_interpreters_keeps_row_order(tiny_model_path, tmp_pat
 
 @needs_shared
 def test_litert_agrees_with_tf_on_squeezenet():
-    from featurepipe.images import load_image
+    from featurepipe.reader import load_image
 
     files = sorted(FLOWERS.glob("*/*.jpg"))[::400][:6]
     backbone = get_backbone("squeezenet")

@@ -88,26 +88,25 @@ def test_flip_augment_averages_image_and_mirror(tiny_data, tiny_model_path, tmp_
 def test_resume_after_crash_redoes_only_missing_chunks(tmp_path, tiny_model_path, monkeypatch):
     data = make_dataset(tmp_path / "d", n_per_class=10)
     clean = _run(data, tiny_model_path, tmp_path / "clean", chunk_size=4, batch_size=2)
-    calls = []
-    real = extract_module._extract_chunk
+    saved = []
+    real = extract_module.save_part
 
-    def crashing(members, *args, **kw):
-        if len(calls) == 3:
+    def crashing(path, **part):
+        if len(saved) == 3:
             raise RuntimeError("simulated crash")
-        calls.append(list(members))
-        return real(members, *args, **kw)
+        saved.append(Path(path).name)
+        return real(path, **part)
 
-    monkeypatch.setattr(extract_module, "_extract_chunk", crashing)
+    monkeypatch.setattr(extract_module, "save_part", crashing)
     with pytest.raises(RuntimeError, match="simulated"):
         _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
     assert not (tmp_path / "resumed" / "tiny.h5").exists()
     assert len(list((tmp_path / "resumed" / ".tiny.parts").glob("part-*.npz"))) == 3
-    monkeypatch.setattr(extract_module, "_extract_chunk", real)
     redone = []
-    monkeypatch.setattr(extract_module, "_extract_chunk",
-                        lambda members, *a, **k: redone.append(list(members)) or real(members, *a, **k))
+    monkeypatch.setattr(extract_module, "save_part",
+                        lambda path, **part: redone.append(Path(path).name) or real(path, **part))
     result = _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
-    assert len(redone) == 5 and not any(m in calls for m in redone)  # 30 images / 4 = 8 chunks
+    assert len(redone) == 5 and not set(redone) & set(saved)  # 30 images / 4 = 8 chunks
     assert result.n_rows == 30
     _same_file(clean.path, result.path)
     assert not (tmp_path / "resumed" / ".tiny.parts").exists()
@@ -120,10 +119,10 @@ def test_kill_9_mid_run_then_rerun_equals_clean_run(tmp_path, tiny_model_path):
     script = (
         "import sys, time\n"
         "from featurepipe import extract as e\n"
-        "real = e._extract_chunk\n"
+        "real = e.save_part\n"
         "def slow(*a, **k):\n"
         "    r = real(*a, **k); time.sleep(0.4); return r\n"
-        "e._extract_chunk = slow\n"
+        "e.save_part = slow\n"
         f"e.extract({str(data)!r}, ['file:{tiny_model_path}'], out={str(out)!r}, preprocess='scale',"
         " quiet=True, chunk_size=4, batch_size=4)\n"
     )
@@ -284,32 +283,10 @@ def test_list_layers(tiny_model_path, capsys):
     assert "conv_a" in out and "(None, 30, 30, 8)" in out
 
 
-def test_a_hanging_decode_is_skipped_not_waited_for(tmp_path, monkeypatch):
-    import threading
-
-    release = threading.Event()
-    real = extract_module.load_image
-
-    def maybe_hang(path, *a, **k):
-        if str(path).endswith("hang.png"):
-            release.wait(10)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(extract_module, "load_image", maybe_hang)
-    paths = [make_image(tmp_path / n, (1, 2, 3)) for n in ("a.png", "hang.png", "b.png")]
-    start = time.time()
-    results = list(extract_module.decoded_stream(paths, 8, "stretch", timeout=0.5))
-    release.set()
-    assert time.time() - start < 5
-    assert isinstance(results[1], extract_module.ImageError) and "longer than" in str(results[1])
-    assert results[0][0].shape == (8, 8, 3) and results[2][0].shape == (8, 8, 3)
-
-
-def test_fifo_named_like_an_image_is_ignored(tiny_data):
-    from featurepipe.images import list_images
-
+def test_fifo_named_like_an_image_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_path):
     os.mkfifo(tiny_data / "red" / "pipe.jpg")
-    assert "red/pipe.jpg" not in list_images(tiny_data).paths
+    f = load(_run(tiny_data, tiny_model_path, tmp_path / "out").path)
+    assert dict(f.skipped)["red/pipe.jpg"] == "not a regular file (a FIFO)" and len(f.paths) == 18
 
 
 def test_csv_row_for_a_missing_file_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_path):
@@ -353,18 +330,6 @@ def test_broken_symlink_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_p
     assert "red/dangling.jpg" in dict(f.skipped) and len(f.paths) == 18
 
 
-def test_a_slow_network_in_the_decode_threads_is_not_a_decode_timeout(tmp_path):
-    paths = [make_image(tmp_path / n, (1, 2, 3)) for n in ("a.png", "b.png")]
-
-    def slow_network(rgb):
-        time.sleep(1.0)
-        return rgb.mean(axis=(0, 1))
-
-    results = list(extract_module.decoded_stream(paths, 8, "stretch", timeout=0.3, then=slow_network))
-    assert not any(isinstance(r, extract_module.ImageError) for r in results)
-    assert [r[0].shape for r in results] == [(3,), (3,)]
-
-
 def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path, tmp_path, monkeypatch):
     import featurepipe.engines as engines
 
@@ -379,3 +344,29 @@ def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path,
     assert again.n_extracted == 0 and again.n_rows == first.n_rows
     with h5py.File(again.path) as f:
         assert f.attrs["engine"] == "tf"
+
+
+def test_an_extracted_image_replaced_by_a_link_to_a_fifo_is_skipped_on_rerun(tiny_data, tiny_model_path, tmp_path):
+    from test_reader import bounded
+
+    _run(tiny_data, tiny_model_path, tmp_path / "out")
+    os.mkfifo(tmp_path / "pipe")
+    os.unlink(tiny_data / "red" / "img_000.png")
+    os.symlink(tmp_path / "pipe", tiny_data / "red" / "img_000.png")
+    result = bounded(lambda: _run(tiny_data, tiny_model_path, tmp_path / "out"))
+    f = load(result.path)
+    assert dict(f.skipped)["red/img_000.png"] == "not a regular file (a FIFO)" and result.n_rows == 17
+
+
+def test_an_output_folder_inside_the_data_is_refused_and_never_listed(tmp_path, tiny_model_path):
+    from featurepipe.images import list_images
+
+    data = make_dataset(tmp_path / "data", n_per_class=3)
+    out = data / "features"
+    with pytest.raises(UsageError, match="inside the image folder"):
+        _run(data, tiny_model_path, out)
+    assert not out.exists()
+    # a folder given as excluded (the output folder) is never walked, whatever it holds
+    make_image(out / "stray" / "x.png", COLORS["red"])
+    index = list_images(data, exclude=[out])
+    assert sorted(set(index.class_names)) == ["blue", "green", "red"] and len(index.paths) == 9

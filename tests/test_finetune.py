@@ -10,7 +10,7 @@ from featurepipe import finetune as ft
 from featurepipe.cli import run_main
 from featurepipe.errors import UsageError
 from featurepipe.extract import extract
-from featurepipe.images import load_image
+from featurepipe.reader import load_image
 from featurepipe.store import load
 
 FAST = dict(head_epochs=3, head_lr=0.05, lr=0.01, batch_size=8, quiet=True)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from conftest import COLORS, make_dataset, make_image
 from featurepipe.errors import DataError, ImageError, UsageError
-from featurepipe.images import (assign_split, decode_bytes, list_images, load_image, resize_array,
-                                split_hash)
+from featurepipe.images import assign_split, list_images, split_hash
+from featurepipe.reader import decode_bytes, load_image, resize_array
 
 
 def test_class_folders_sorted_relative_paths_and_extensions(tmp_path):

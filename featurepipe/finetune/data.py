@@ -13,6 +13,7 @@ from ..checks import check_seed
 from ..errors import DataError, ImageError, UsageError
 from ..images import assign_split
 from ..paths import models_dir_for
+from ..reader import read_images, target_from_attrs
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,6 @@ def decoded_images(feats, rows, spec, work, quiet):
     images : ndarray of shape (n_rows_in_file, S, S, 3), uint8 (a memory map)
     rows : dict of int64 arrays, without rows whose image no longer decodes
     """
-    from ..extract import decoded_stream
-
     size, n = int(spec.image_size), len(feats.paths)
     cache, marker = work / "images.npy", work / "images.json"
     bad = _cached_bad_rows(cache, marker, n, size)
@@ -123,13 +122,13 @@ def decoded_images(feats, rows, spec, work, quiet):
         images = np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         wanted = np.sort(np.concatenate(list(rows.values())))
         root = Path(str(feats.attrs["data_root"]))
-        stream = decoded_stream([str(root / feats.paths[i]) for i in wanted], size, spec.resize)
+        stream = read_images([str(root / feats.paths[i]) for i in wanted], [target_from_attrs(feats.attrs)])
         bad = {}
         for i, item in zip(wanted, progress(stream, len(wanted), "decode", quiet)):
             if isinstance(item, ImageError):
                 bad[int(i)] = str(item)
             else:
-                images[i] = item[0]
+                images[i] = item.outputs[0]
         images.flush()
         del images
         marker.write_text(json.dumps({"n": n, "size": size, "bad": bad}))

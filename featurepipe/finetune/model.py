@@ -10,7 +10,8 @@ import numpy as np
 
 from ..backbones import PREPROCESS
 from ..errors import DataError, ImageError, UsageError
-from ..images import is_image_file
+from ..images import expand_paths
+from ..reader import FILE_DECODE_DEFAULT, Target, read_images
 
 
 # Where stage 2 starts unfreezing, per backbone: a layer name (or name prefix: the first layer
@@ -220,13 +221,14 @@ def predict_images(model_path, image_paths, *, batch_size=32):
         ``(path, None, reason)`` with ``reason`` a short str.
     """
     model, meta = _load_for_predict(model_path)
-    size, resize = int(meta["image_size"]), meta.get("resize", "stretch")
+    target = Target(int(meta["image_size"]), meta.get("resize", "stretch"),
+                    meta.get("attrs", {}).get("decode", FILE_DECODE_DEFAULT))
     names = meta["class_names"]
-    paths = _expand(image_paths)
+    paths = expand_paths([image_paths] if isinstance(image_paths, (str, Path)) else image_paths)
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        decoded = [_decode_or_reason(p, size, resize) for p in chunk]
+        decoded = [str(r) if isinstance(r, ImageError) else r.outputs[0] for r in read_images(chunk, [target])]
         good = [d for d in decoded if not isinstance(d, str)]
         probs = iter(model.predict(np.stack(good).astype(np.float32), verbose=0) if good else [])
         for path, d in zip(chunk, decoded):
@@ -255,26 +257,3 @@ def _load_for_predict(model_path):
     except Exception as err:
         raise DataError(f"cannot load Keras model '{model_path}': {type(err).__name__}: {err}") from None
     return model, meta
-
-
-def _expand(image_paths):
-    if isinstance(image_paths, (str, Path)):
-        image_paths = [image_paths]
-    out = []
-    for p in image_paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q.name)
-                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        else:
-            out.append(p)
-    return out
-
-
-def _decode_or_reason(path, size, resize):
-    from ..images import load_image
-
-    try:
-        return load_image(path, size, resize)[0]
-    except ImageError as err:
-        return str(err)
