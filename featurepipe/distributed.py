@@ -156,7 +156,7 @@ def worker_model(backbone, spec, resolved, engine):
 
 
 def run_chunk_job(job, extract_chunk, decoded_stream):
-    """Extract one chunk on a worker and save its part; return the engine's name.
+    """Extract one chunk on a worker and save its part; return the name of the engine used.
 
     ``extract_chunk`` and ``decoded_stream`` are extract's own functions (passed in, so this module
     stays below extract): the same decoding, batches and engine as a local run.
@@ -171,16 +171,16 @@ def run_chunk_job(job, extract_chunk, decoded_stream):
     finally:
         stream.close()
     save_part(job.part_path, **part)
-    return model.engine.name
+    return model.engine_used
 
 
-def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quiet=False):
+def run_chunks(address, jobs, *, bar, extract_chunk, decoded_stream, quiet=False):
     """Run ``jobs`` (ChunkJob) on the cluster; each writes its part file into the shared folder.
 
     The bar advances by a chunk's images as it finishes, once this machine can read its part.
     Every job runs to its end even when one fails (its part is kept for the re-run); then the
-    first error is raised. The engine the workers used is recorded on ``model`` (the client's
-    model is never built).
+    first error is raised. Returns the sorted names of the engines the workers used (``auto``
+    resolved on each worker; none for chunks of unreadable images only).
     """
     from .store import load_part
 
@@ -207,8 +207,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, decoded_stream, quie
             raise
     if errors:
         raise errors[0]
-    if engines:
-        model.engine_name = sorted(engines)[0]
+    return tuple(sorted(engines - {None}))
 
 
 def _check_part(load_part, part_path):

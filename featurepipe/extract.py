@@ -30,7 +30,7 @@ from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem
                         import_tensorflow, list_layers, make_spec)
 from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
                      check_workers)
-from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
+from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, assign_split, content_hash, file_stat, list_images, load_image
 from .paths import default_out_dir, is_inside, latest_pointer
@@ -229,9 +229,9 @@ def _extract_backbone(index, name, out_dir, opts):
         model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
         parts_dir = path.with_name(f".{path.stem}.parts")
         _remove_leftovers(path, parts_dir)
-        extracted, new_skipped, n_resumed = _run_chunks(index, plan, model, spec, parts_dir, opts)
+        extracted, new_skipped, n_resumed, engines_used = _run_chunks(index, plan, model, spec, parts_dir, opts)
         result = _assemble(index, plan, old, extracted, new_skipped, path, spec, model, opts, started,
-                           n_resumed)
+                           n_resumed, engines_used)
         shutil.rmtree(parts_dir, ignore_errors=True)
     if not opts.quiet:
         print(result.summary(), file=sys.stderr)
@@ -441,7 +441,8 @@ def _progress(total, desc, quiet):
 
 
 def _run_chunks(index, plan, model, spec, parts_dir, opts):
-    """Extract pending images chunk by chunk into part files; return (part files, skipped).
+    """Extract pending images chunk by chunk into part files; return (part files, skipped,
+    rows resumed, names of the engines that computed new rows).
 
     Parts stay on disk: memory holds one chunk at a time however many images there are.
     """
@@ -455,9 +456,10 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     bar.update(len(plan.pending) - sum(len(m) for _, m in todo))
     if not todo:  # every chunk is on disk: no engine to build (nor to record in the file)
         bar.close()
-        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
+        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed, ())
     if opts.dask is not None:
-        return (*_run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar), n_resumed)
+        engines_used = _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar)
+        return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed, engines_used)
     work = [p for _, members in todo for p in members]
     # Per-image engines run the network in the decode threads; batch engines in this thread.
     featurize = _stacked_features if model.per_image else model
@@ -470,7 +472,7 @@ def _run_chunks(index, plan, model, spec, parts_dir, opts):
     finally:
         stream.close()
         bar.close()
-    return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed)
+    return (*_collect([parts_dir / name for name, _ in chunks]), n_resumed, (model.engine_used,))
 
 
 def _dask_session(address):
@@ -482,16 +484,16 @@ def _dask_session(address):
 
 
 def _run_chunks_on_dask(index, chunks, todo, model, parts_dir, opts, bar):
-    """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
+    """The unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed);
+    returns the names of the engines the workers used."""
     from .distributed import chunk_jobs, run_chunks
 
     jobs = chunk_jobs(todo, index=index, model=model, parts_dir=parts_dir, opts=opts)
     try:
-        run_chunks(opts.dask, jobs, model=model, bar=bar, extract_chunk=_extract_chunk,
-                   decoded_stream=decoded_stream, quiet=opts.quiet)
+        return run_chunks(opts.dask, jobs, bar=bar, extract_chunk=_extract_chunk,
+                          decoded_stream=decoded_stream, quiet=opts.quiet)
     finally:
         bar.close()
-    return _collect([parts_dir / name for name, _ in chunks])
 
 
 def _prepare_parts_dir(parts_dir, spec):
@@ -560,7 +562,8 @@ def _collect(part_files):
     return with_rows, skipped
 
 
-def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed=0):
+def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed,
+              engines_used):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
     part_positions = [load_part(p, keys=("positions",))["positions"] for p in parts]
     good_positions = sorted(set(plan.keep) | {int(p) for pos in part_positions for p in pos})
@@ -573,7 +576,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
                                class_names=index.class_names,
-                               attrs=_attrs(index, spec, model, opts, dim, old, now))
+                               attrs=_attrs(index, spec, model, opts, dim, old, now, engines_used))
     try:
         _write_kept(writer, index, plan, old, row_of)
         for part in parts:
@@ -659,9 +662,9 @@ def _versions():
     return tensorflow_version(), keras_version
 
 
-def _engine_attr(model, old):
+def _engine_attr(model, old, engines_used):
     """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
-    names = {model.engine.name} if model._engine is not None else set()  # no engine: no new rows
+    names = set(engines_used) - {None}  # empty: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
     return "+".join(sorted(names)) or _engine_without_building(model)
@@ -669,22 +672,19 @@ def _engine_attr(model, old):
 
 def _engine_without_building(model):
     """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
-    from .engines import litert_available, remembered_choice
+    from .engines import auto_choice_without_building
 
     if model.engine_name != "auto":
         return model.engine_name
-    if not litert_available():
-        return "tf"
-    record = remembered_choice(model.spec) or {}
-    return record.get("engine") or model.engine.name
+    return auto_choice_without_building(model.spec) or model.engine.name
 
 
-def _attrs(index, spec, model, opts, dim, old, now):
+def _attrs(index, spec, model, opts, dim, old, now, engines_used):
     tf_version, keras_version = _versions()
     attrs = dict(spec.__dict__)
     attrs.update(
         feature_dim=dim,
-        engine=_engine_attr(model, old),
+        engine=_engine_attr(model, old, engines_used),
         featurepipe_version=__version__,
         tensorflow_version=tf_version,
         keras_version=keras_version,
@@ -726,9 +726,9 @@ def build_parser():
     p.add_argument("--test-size", type=float, default=0.2)
     p.add_argument("--val-size", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                   help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
-                        "one on this machine, remembered; tf without LiteRT)")
+    p.add_argument("--engine", choices=engine_choices(), default="auto",
+                   help="forward pass: auto (every available engine timed once on this machine, the "
+                        "fastest remembered) or one engine (tf; litert: LiteRT on a cached conversion)")
     p.add_argument("--workers", type=int,
                    help="image decoding threads, >= 1 (with the litert engine each also runs the network; "
                         "default one per core)")
