@@ -25,7 +25,6 @@ import os
 import platform
 import tempfile
 import threading
-import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
