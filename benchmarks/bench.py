@@ -41,7 +41,7 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
     import numpy as np
 
     from featurepipe.backbones import get_backbone, make_spec
-    from featurepipe.engines import ENGINES, ModelSource, litert_available, pixel_model
+    from featurepipe.engines import ENGINES, ModelSource, available_engines, pixel_model
     from featurepipe.images import list_images
     from featurepipe.reader import load_image
 
@@ -53,7 +53,7 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
     images = np.stack([load_image(index.absolute(p), spec.image_size)[0] for p in index.paths[:n]])
     x = images  # engines take RGB pixels: preprocessing is part of their graph
     source = ModelSource(lambda: pixel_model(b, spec, resolved))
-    names = [name for name in ENGINES if name == "tf" or litert_available()]
+    names = available_engines()
     # one engine per batch size: LiteRT plans its memory for one input shape
     runs = {(name, size): ENGINES[name].make(source, spec) for size in sizes for name in names}
     if "litert" in names:  # the usual way to run LiteRT: one interpreter, every core, whole batches

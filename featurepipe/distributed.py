@@ -169,7 +169,7 @@ def _stacked(rows):
 
 
 def run_chunk_job(job, extract_chunk):
-    """Extract one chunk on a worker and save its part; return the engine's name.
+    """Extract one chunk on a worker and save its part; return the name of the engine used.
 
     ``extract_chunk`` is extract's own batching (passed in, so this module stays below extract);
     images come from the same reader, so decoding, batches and engine equal a local run's.
@@ -190,16 +190,16 @@ def run_chunk_job(job, extract_chunk):
         stream.close()
         reads.close()
     save_part(job.part_path, **part)
-    return model.engine.name
+    return model.engine_used
 
 
-def run_chunks(address, jobs, *, model, bar, extract_chunk, quiet=False):
+def run_chunks(address, jobs, *, bar, extract_chunk, quiet=False):
     """Run ``jobs`` (ChunkJob) on the cluster; each writes its part file into the shared folder.
 
     The bar advances by a chunk's images as it finishes, once this machine can read its part.
     Every job runs to its end even when one fails (its part is kept for the re-run); then the
-    first error is raised. The engine the workers used is recorded on ``model`` (the client's
-    model is never built).
+    first error is raised. Returns the sorted names of the engines the workers used (``auto``
+    resolved on each worker; none for chunks of unreadable images only).
     """
     from .store import load_part
 
@@ -226,8 +226,7 @@ def run_chunks(address, jobs, *, model, bar, extract_chunk, quiet=False):
             raise
     if errors:
         raise errors[0]
-    if engines:
-        model.engine_name = sorted(engines)[0]
+    return tuple(sorted(engines - {None}))
 
 
 def _check_part(load_part, part_path):

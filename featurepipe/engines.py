@@ -1,18 +1,20 @@
 """Forward-pass engines and the FeatureModel that ties a backbone, its settings and an engine.
 
-An engine runs a Keras model on a batch and has a ``name``. ``FeatureModel`` gives its engine
-``pixel_model``: RGB pixels (n, S, S, 3) uint8 -> preprocessing -> network -> pooling -> features
-(n, D) float32, all in one graph (numpy preprocessing in the main thread cost as much CPU as JPEG
-decoding). ``ENGINES`` maps an engine name to its entry; ``make_engine(name, model, spec)`` builds
-one:
+An engine (the ``Engine`` protocol) runs a feature model on a batch of pixels and has a ``name``.
+``FeatureModel`` gives its engine ``pixel_model``: RGB pixels (n, S, S, 3) uint8 -> preprocessing
+-> network -> pooling -> features (n, D) float32, all in one graph (numpy preprocessing in the main
+thread cost as much CPU as JPEG decoding). ``ENGINES`` maps an engine name to its ``EngineKind``
+entry; ``make_engine(name, model, spec)`` builds one:
 
 * ``tf``: the Keras feature model's call compiled with ``tf.function``;
 * ``litert``: the whole feature model (pooling included) converted once to a ``.tflite`` file,
   cached under ``cache_dir()`` and run by LiteRT's CPU (XNNPACK) kernels (``pip install
   featurepipe[litert]``);
-* ``auto``: the faster of the two for that network on this machine (LiteRT on a tie), found by a
-  short timed trial that is remembered in the cache; ``tf`` when LiteRT is missing or cannot
-  convert the network.
+* ``auto``: the fastest available engine for that network on this machine, found by a short timed
+  trial of every available engine (each entry's ``preference`` weighs its rate: LiteRT wins within
+  5 %) that is remembered in the cache.
+
+Adding an engine is a class following ``Engine`` and one ``ENGINES`` entry.
 """
 
 import contextlib
@@ -23,12 +25,12 @@ import os
 import platform
 import tempfile
 import threading
-import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from time import perf_counter
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,11 +46,9 @@ CACHE_FORMAT = 2           # bump when the conversion changes, so old .tflite fi
 DEFAULT_BATCH_SIZE = 32
 TRIAL_BATCH = DEFAULT_BATCH_SIZE  # images per timed batch in the auto trial
 TRIAL_ROUNDS = 5                  # timed batches per engine (after one warm-up batch each)
-# auto keeps LiteRT unless TF is faster by more than this: LiteRT also starts faster (no TensorFlow
-# import, no Keras model build when its conversion is cached).
-TF_MARGIN = 1.05
 # bump when an engine's speed changes, so auto re-times the engines instead of trusting old choices
-TRIAL_VERSION = 2
+# (3: choices are keyed by the set of available engines, so a new engine is timed too)
+TRIAL_VERSION = 3
 
 
 def pixel_model(backbone, spec, resolved):
@@ -65,6 +65,60 @@ def pixel_model(backbone, spec, resolved):
     pixels = keras.Input((spec.image_size, spec.image_size, 3), dtype="uint8", name="pixels")
     x = keras.layers.Lambda(lambda t: mode(keras.ops.cast(t, "float32")), name="preprocess")(pixels)
     return keras.Model(pixels, network(x), name=f"{network.name}_from_pixels")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What ``FeatureModel``, extract and ``auto`` need from a forward-pass engine.
+
+    An engine is built by its registry entry, ``ENGINES[name].make(model, spec)``, from a
+    ``ModelSource`` (the Keras pixel model, built only if the engine asks for it) and a FeatureSpec
+    (or None), and raises UsageError for wrong arguments, FeaturepipeError when it cannot run that
+    network. Whether it can be built at all on this machine is the entry's ``available()``.
+
+    Attributes
+    ----------
+    name : str
+        The registry key it was built under (what feature files record as ``engine``).
+    dtype : numpy.dtype
+        The input dtype it runs on (uint8 for pixel models); inputs are cast to it.
+    """
+
+    name: str
+    dtype: np.dtype
+
+    def run(self, batch):
+        """Features of a batch.
+
+        Parameters
+        ----------
+        batch : ndarray of shape (n, S, S, 3), uint8 RGB pixels (S = ``spec.image_size``)
+
+        Returns
+        -------
+        ndarray of shape (n, D), float32
+            Or a list of them, one per output in the Keras model's order, for a multi-layer model.
+        """
+
+
+@runtime_checkable
+class PerImageEngine(Engine, Protocol):
+    """An engine that also runs single images, from many threads at once (optional).
+
+    Extract then calls ``run_one`` from ``parallel`` decode threads, so each image is decoded and
+    run by the same thread while its pixels are still in the core's cache.
+
+    Attributes
+    ----------
+    parallel : int
+        How many threads should call ``run_one`` at once (extract's default decode threads).
+    """
+
+    parallel: int
+
+    def run_one(self, image):
+        """image : ndarray of shape (S, S, 3), uint8 -> ndarray of shape (D,), float32 (a list of
+        them, one per output, for a multi-layer model); safe to call from several threads."""
 
 
 class ModelSource:
@@ -376,25 +430,62 @@ def _output_indices(interpreter):
 
 @dataclass(frozen=True)
 class EngineKind:
-    """One forward-pass engine: ``make(model, spec)`` builds it; ``available()`` says if it can."""
+    """One registry entry: how to build an engine, whether it can run here, how ``auto`` weighs it.
 
-    name: str
-    make: object
-    available: object
+    Parameters
+    ----------
+    make : callable
+        ``make(model, spec) -> Engine``; ``model`` is a ModelSource (call ``model.get()`` for the
+        Keras model, only when needed), ``spec`` a FeatureSpec or None (None: cache nothing).
+        Raises UsageError for a wrong argument, FeaturepipeError when it cannot run this network
+        (``auto`` then warns and leaves it out).
+    available : callable
+        ``available() -> bool``: can this engine be built on this machine (its package installed)?
+        Cheap, never builds a model.
+    description : str
+        One line for ``--help`` and the README.
+    preference : float, default=1.0
+        ``auto`` keeps the engine with the highest ``images per second x preference``: 1.05 wins
+        against a faster engine with 1.0 unless that one is more than 5 % faster.
+    """
+
+    make: Callable
+    available: Callable[[], bool]
     description: str
+    preference: float = 1.0
 
 
 ENGINES = {
-    "tf": EngineKind(name="tf", make=TFEngine, available=lambda: True,
+    "tf": EngineKind(make=TFEngine, available=lambda: True,
                      description="TensorFlow tf.function (always available)"),
-    "litert": EngineKind(name="litert", make=LiteRTEngine, available=litert_available,
-                         description="LiteRT XNNPACK CPU kernels on a cached .tflite conversion"),
+    # LiteRT also starts faster (no TensorFlow import, no Keras build once its conversion is cached)
+    "litert": EngineKind(make=LiteRTEngine, available=litert_available,
+                         description="LiteRT XNNPACK CPU kernels on a cached .tflite conversion",
+                         preference=1.05),
 }
-ENGINE_CHOICES = ("auto", *ENGINES)
+
+
+def engine_choices():
+    """The names ``--engine`` accepts: ``auto`` and every registered engine, in registry order."""
+    return ("auto", *ENGINES)
+
+
+ENGINE_CHOICES = engine_choices()  # as the module was imported; engine_choices() sees later entries
+
+
+def available_engines():
+    """Names of the registered engines that can run on this machine, in registry order."""
+    return [name for name, kind in ENGINES.items() if kind.available()]
+
+
+def check_engine_name(name):
+    """UsageError naming the known engines unless ``name`` is ``auto`` or a registered engine."""
+    if name not in engine_choices():
+        raise UsageError(f"unknown engine '{name}'; use one of {', '.join(engine_choices())}")
 
 
 def make_engine(name, model, spec):
-    """Build the engine ``name`` (``auto``, ``tf``, ``litert``) for a feature model.
+    """Build the engine ``name`` (``auto`` or a key of ``ENGINES``) for a feature model.
 
     Parameters
     ----------
@@ -404,11 +495,15 @@ def make_engine(name, model, spec):
         a cached LiteRT model needs no Keras model).
     spec : FeatureSpec or None
         Keys the cache; None disables caching.
+
+    Returns
+    -------
+    Engine
+        Its ``name`` is the engine really built (never ``auto``).
     """
+    check_engine_name(name)
     if name == "auto":
         return choose_engine(model, spec)
-    if name not in ENGINES:
-        raise UsageError(f"unknown engine '{name}'; use one of {', '.join(ENGINE_CHOICES)}")
     return ENGINES[name].make(ModelSource.wrap(model), spec)
 
 
@@ -427,12 +522,20 @@ def _choices_path():
     return cache_dir() / "engine-choices.json"
 
 
-def _choice_key(key):
-    return _digest({**key, "machine": machine_id(), "trial": TRIAL_VERSION})
+def _choice_key(key, candidates):
+    """A new engine (registered or installed) is a new key, so ``auto`` times it too."""
+    return _digest({**key, "machine": machine_id(), "trial": TRIAL_VERSION, "engines": sorted(candidates)})
 
 
 def remembered_choice(spec):
-    """The engine ``auto`` chose before for ``spec`` on this machine (a dict), or None."""
+    """What ``auto`` chose before for ``spec`` among the engines available now on this machine.
+
+    Returns
+    -------
+    dict or None
+        ``{"engine": name, "images_per_second": {name: rate}, "machine": str, "batch": int}``, as
+        stored in ``engine-choices.json``; None when never timed (or ``spec`` is not cacheable).
+    """
     key = model_key(spec)
     if key is None:
         return None
@@ -440,10 +543,22 @@ def remembered_choice(spec):
         choices = json.loads(_choices_path().read_text())
     except (OSError, ValueError):
         return None
-    return choices.get(_choice_key(key))
+    return choices.get(_choice_key(key, available_engines()))
 
 
-def _remember(spec, record):
+def auto_choice_without_building(spec):
+    """The engine ``auto`` would use for ``spec`` without building or timing anything, or None.
+
+    The only available engine, else the remembered choice when it is still registered.
+    """
+    candidates = available_engines()
+    if len(candidates) == 1:
+        return candidates[0]
+    remembered = (remembered_choice(spec) or {}).get("engine")
+    return remembered if remembered in candidates else None
+
+
+def _remember(spec, candidates, record):
     key = model_key(spec)
     if key is None:
         return
@@ -452,7 +567,7 @@ def _remember(spec, record):
         choices = json.loads(path.read_text())
     except (OSError, ValueError):
         choices = {}
-    choices[_choice_key(key)] = record
+    choices[_choice_key(key, candidates)] = record
     _write_atomic(path, json.dumps(choices, indent=1, sort_keys=True).encode())
 
 
@@ -469,42 +584,71 @@ def time_engines(engines, batch, rounds=TRIAL_ROUNDS):
     """Images per second of each engine on ``batch``: best of ``rounds`` runs, interleaved.
 
     Interleaving spreads any load from other programs over all engines alike.
+
+    Parameters
+    ----------
+    engines : dict of name -> Engine
+    batch : ndarray of shape (n, S, S, 3), uint8
+    rounds : int
+
+    Returns
+    -------
+    dict of name -> float
     """
     for engine in engines.values():
         engine.run(batch)  # warm-up: compile, allocate
     best = {name: float("inf") for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-            start = time.perf_counter()
+            start = perf_counter()
             engine.run(batch)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: len(batch) / seconds for name, seconds in best.items()}
+            best[name] = min(best[name], perf_counter() - start)
+    return {name: len(batch) / max(seconds, 1e-9) for name, seconds in best.items()}
+
+
+def pick_engine(rates):
+    """The name with the highest ``rate x preference`` (the higher preference on a tie).
+
+    rates : dict of engine name -> images per second
+    """
+    return max(rates, key=lambda name: (rates[name] * ENGINES[name].preference, ENGINES[name].preference))
+
+
+def _build_candidates(source, spec, names):
+    """The engines of ``names`` that build for this network; the others are warned about."""
+    built = {}
+    for name in names:
+        try:
+            built[name] = ENGINES[name].make(source, spec)
+        except UsageError:  # a wrong argument (--layer, --image-size): not a reason to try another engine
+            raise
+        except FeaturepipeError as err:
+            warnings.warn(f"{err}; auto leaves the {name} engine out", stacklevel=3)
+    if not built:
+        raise FeaturepipeError(f"no engine can run this network (tried {', '.join(names)})")
+    return built
 
 
 def choose_engine(model, spec):
-    """The faster engine for this network on this machine (``tf`` without LiteRT).
+    """The fastest available engine for this network on this machine, as a built Engine.
 
-    The first call times both engines on a few batches and remembers the winner under
-    ``cache_dir()`` (LiteRT unless TF is more than 5 % faster: it starts faster); later calls only
-    build the winner.
+    The first call builds every available engine, times them on a few batches (``time_engines``)
+    and remembers the winner (``pick_engine``) under ``cache_dir()``; later calls only build the
+    winner. An engine that cannot convert the network is left out with a warning; a single
+    available engine is used without timing.
     """
     source = ModelSource.wrap(model)
-    if not litert_available():
-        return TFEngine(source, spec)
-    record = remembered_choice(spec)
-    if record is not None and record.get("engine") in ENGINES:
-        return ENGINES[record["engine"]].make(source, spec)
-    try:
-        candidates = {"tf": TFEngine(source, spec), "litert": LiteRTEngine(source, spec)}
-    except UsageError:  # a wrong argument (--layer, --image-size): not a reason to try another engine
-        raise
-    except FeaturepipeError as err:
-        warnings.warn(f"{err}; using the tf engine", stacklevel=2)
-        return TFEngine(source, spec)
+    remembered = auto_choice_without_building(spec)
+    if remembered is not None:
+        return ENGINES[remembered].make(source, spec)
+    candidates = _build_candidates(source, spec, available_engines())
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
     rates = time_engines(candidates, _trial_batch(source, spec))
-    winner = "tf" if rates["tf"] > TF_MARGIN * rates["litert"] else "litert"
-    _remember(spec, {"engine": winner, "images_per_second": {k: round(v, 1) for k, v in rates.items()},
-                     "machine": machine_id(), "batch": TRIAL_BATCH})
+    winner = pick_engine(rates)
+    _remember(spec, available_engines(),
+              {"engine": winner, "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+               "machine": machine_id(), "batch": TRIAL_BATCH})
     return candidates[winner]
 
 
@@ -520,28 +664,38 @@ class FeatureModel:
     spec : FeatureSpec
     resolved : ResolvedWeights or None
     engine : str
-        ``auto``, ``tf``, ``litert`` (see ``ENGINES``).
+        ``auto`` or a key of ``ENGINES``.
 
-    The engine (and the network, when the engine needs it) is built on first use; then
-    ``engine.name`` is the engine really used (``auto`` resolved). With a multi-layer spec
+    The engine (and the network, when the engine needs it) is built on first use of ``engine``;
+    ``engine_used`` then names the engine really used (``auto`` resolved). With a multi-layer spec
     (``backbones.with_layers``) one forward pass gives every layer: calls return a list of
     arrays, one per layer in the spec's order.
     """
 
     def __init__(self, backbone, spec, resolved, engine="auto"):
-        if engine not in ENGINE_CHOICES:
-            raise UsageError(f"unknown engine '{engine}'; use one of {', '.join(ENGINE_CHOICES)}")
+        check_engine_name(engine)
         self.backbone = backbone
         self.spec = spec
         self.resolved = resolved
-        self.engine_name = engine
+        self._engine_name = engine
         self._engine = None
 
     @property
+    def engine_name(self):
+        """The engine asked for: ``auto`` or a key of ``ENGINES`` (read-only)."""
+        return self._engine_name
+
+    @property
+    def engine_used(self):
+        """The name of the engine really built (never ``auto``), or None before it is built."""
+        return None if self._engine is None else self._engine.name
+
+    @property
     def engine(self):
+        """The Engine, built on first use."""
         if self._engine is None:
             source = ModelSource(lambda: pixel_model(self.backbone, self.spec, self.resolved))
-            self._engine = make_engine(self.engine_name, source, self.spec)
+            self._engine = make_engine(self._engine_name, source, self.spec)
         return self._engine
 
     @property
@@ -564,7 +718,7 @@ class FeatureModel:
     @property
     def per_image(self):
         """True when the engine runs single images from many threads at once (``one``)."""
-        return hasattr(self.engine, "run_one")
+        return isinstance(self.engine, PerImageEngine)
 
     def one(self, image):
         """image : ndarray (S, S, 3) uint8 RGB -> features ndarray (D,) float32 (needs ``per_image``);

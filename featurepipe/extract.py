@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem
                         list_layers, make_spec)
 from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
                      check_workers)
-from .engines import DEFAULT_BATCH_SIZE, ENGINE_CHOICES, FeatureModel, tensorflow_version
+from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import assign_split, list_images
 from .paths import default_out_dir, is_inside, latest_pointer
@@ -248,6 +248,7 @@ class _Job:
     chunks: list     # (part file name, index positions) of all pending images
     todo: list       # the chunks without a valid part on disk
     n_resumed: int   # pending images whose part an interrupted run left (not computed again)
+    engines_used: set = field(default_factory=set)  # names of the engines that computed new rows
 
 
 def _identity(spec, decode):
@@ -279,7 +280,7 @@ def _prepare(index, name, out_dir, opts, locks):
 def _finish(index, job, opts, started):
     extracted, new_skipped = _collect(index, job.parts_dir, job.chunks)
     result = _assemble(index, job.plan, job.old, extracted, new_skipped, job.path, job.spec,
-                       job.model, opts, started, job.n_resumed)
+                       job.model, opts, started, job.n_resumed, job.engines_used)
     shutil.rmtree(job.parts_dir, ignore_errors=True)
     return result
 
@@ -451,6 +452,8 @@ def _run_local(index, jobs, opts):
     finally:
         stream.close()
         bar.close()
+    for job in active:
+        job.engines_used.add(job.model.engine_used)
 
 
 class _Feed:
@@ -500,8 +503,8 @@ def _run_chunks_on_dask(index, job, opts):
         return
     tasks = chunk_jobs(job.todo, index=index, model=job.model, parts_dir=job.parts_dir, opts=opts)
     try:
-        run_chunks(opts.dask, tasks, model=job.model, bar=bar, extract_chunk=_extract_chunk,
-                   quiet=opts.quiet)
+        job.engines_used.update(run_chunks(opts.dask, tasks, bar=bar, extract_chunk=_extract_chunk,
+                                           quiet=opts.quiet))
     finally:
         bar.close()
 
@@ -600,7 +603,8 @@ def _collect(index, parts_dir, chunks):
     return with_rows, skipped
 
 
-def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed=0):
+def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed,
+              engines_used):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
     position = {p: i for i, p in enumerate(index.paths)}
     part_positions = [[position[str(p)] for p in load_part(part, keys=("paths",))["paths"]] for part in parts]
@@ -614,7 +618,7 @@ def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, sta
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
                                class_names=index.class_names,
-                               attrs=_attrs(index, spec, model, opts, dim, old, now))
+                               attrs=_attrs(index, spec, model, opts, dim, old, now, engines_used))
     try:
         _write_kept(writer, index, plan, old, row_of)
         for part in parts:
@@ -700,9 +704,9 @@ def _versions():
     return tensorflow_version(), keras_version
 
 
-def _engine_attr(model, old):
+def _engine_attr(model, old, engines_used):
     """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
-    names = {model.engine.name} if model._engine is not None else set()  # no engine: no new rows
+    names = set(engines_used) - {None}  # empty: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
     return "+".join(sorted(names)) or _engine_without_building(model)
@@ -710,22 +714,19 @@ def _engine_attr(model, old):
 
 def _engine_without_building(model):
     """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
-    from .engines import litert_available, remembered_choice
+    from .engines import auto_choice_without_building
 
     if model.engine_name != "auto":
         return model.engine_name
-    if not litert_available():
-        return "tf"
-    record = remembered_choice(model.spec) or {}
-    return record.get("engine") or model.engine.name
+    return auto_choice_without_building(model.spec) or model.engine.name
 
 
-def _attrs(index, spec, model, opts, dim, old, now):
+def _attrs(index, spec, model, opts, dim, old, now, engines_used):
     tf_version, keras_version = _versions()
     attrs = dict(spec.__dict__)
     attrs.update(
         feature_dim=dim,
-        engine=_engine_attr(model, old),
+        engine=_engine_attr(model, old, engines_used),
         featurepipe_version=__version__,
         tensorflow_version=tf_version,
         keras_version=keras_version,
@@ -768,9 +769,9 @@ def build_parser():
     p.add_argument("--test-size", type=float, default=0.2)
     p.add_argument("--val-size", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                   help="forward pass: tf, litert (LiteRT, cached conversion) or auto (the faster "
-                        "one on this machine, remembered; tf without LiteRT)")
+    p.add_argument("--engine", choices=engine_choices(), default="auto",
+                   help="forward pass: auto (every available engine timed once on this machine, the "
+                        "fastest remembered) or one engine (tf; litert: LiteRT on a cached conversion)")
     p.add_argument("--workers", type=int,
                    help="image decoding threads, >= 1 (with the litert engine each also runs the network; "
                         "default one per core)")

@@ -131,9 +131,14 @@ def test_cli_bad_dask_address_is_one_line(tiny, tmp_path, capsys):
 def test_sharded_extraction_equals_single_process(cluster, tiny, tmp_path, monkeypatch, capsys):
     data, backbone, ref_path = tiny
     log = _patch_chunk(monkeypatch, tmp_path)
+
+    def guess(model):
+        raise AssertionError("the engine attribute must be the one the workers returned, not a guess")
+
+    monkeypatch.setattr(extract_module, "_engine_without_building", guess)
     [result] = extract(data, [backbone], out=tmp_path / "dask", preprocess="scale", dask=cluster,
                        **CHUNK)
-    _assert_same_file(result.path, ref_path)
+    _assert_same_file(result.path, ref_path)  # the engine attribute included
     assert result.n_extracted == 24 and result.n_skipped == 1
     done = _log(log, "done")
     assert len(done) == 7 and os.getpid() not in {pid for _, pid in done}   # all on workers
