@@ -313,7 +313,7 @@ def _accuracy_without(row, stems, leaked, sets):
     if len(keep) == 0:
         return ""
     try:
-        model = load_model(model_path)["model"]
+        model = load_model(model_path).estimator
         pred = model.classes_[np.argmax(model.predict_proba(fs.X[keep]), axis=1)]
     except Exception as err:  # one stale or broken model must not stop the audit
         warnings.warn(f"{model_path.name}: not scored again ({type(err).__name__}: {err})", stacklevel=2)

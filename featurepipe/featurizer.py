@@ -6,16 +6,31 @@
 >>> clf.fit(train_paths, train_labels).score(test_paths, test_labels)  # doctest: +SKIP
 """
 
-import os
+import threading
 from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
-from .backbones import get_backbone, make_spec
+from .backbones import backbone_file_stem, get_backbone, make_spec
 from .engines import FeatureModel
 from .errors import ImageError, UsageError
 from .reader import DEFAULT_DECODE, RESIZE_MODES, Target, check_decode, file_stat, read_images, resize_array
+from .store import read_cached_features, write_cached_features
+
+# One network per (backbone, spec, engine) and process: every clone GridSearchCV makes shares it.
+_MODELS = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def shared_feature_model(entry, spec, weights, engine):
+    """The FeatureModel of these settings, built once per process."""
+    key = (entry.name, entry.model_path, spec, engine)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = FeatureModel(entry, spec, weights, engine=engine)
+        return _MODELS[key]
 
 
 class CNNFeatures(TransformerMixin, BaseEstimator):
@@ -30,17 +45,24 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     batch_size : int, default=32
     engine : str, default="auto"
     cache : str or Path, optional
-        An HDF5 file keyed by absolute path (with file size and modification time): features of
-        files already in it are read instead of extracted, so a grid search over a pipeline does
-        not re-extract for every fold.
+        A feature file (``store.py``'s layout) keyed by absolute path, file size, modification
+        time and the extraction settings: features of files already in it are read instead of
+        extracted, so a grid search over a pipeline does not re-extract for every fold.
 
     Attributes
     ----------
-    n_features_out_ : int
     spec_ : FeatureSpec
+        The resolved extraction settings.
+    weights_ : ResolvedWeights or None
+    n_features_out_ : int or None
+        Features per image: the registry's size for a backbone read at its default layer, else
+        known after the first ``transform`` (or ``get_feature_names_out``).
+
+    ``fit`` only validates and resolves the weights (no network is built); the network is built
+    on the first ``transform`` and shared by every estimator with the same settings in the process.
     """
 
-    def __init__(self, backbone="mobilenet_v2", *, layer=None, pooling="avg", image_size=None,
+    def __init__(self, *, backbone="mobilenet_v2", layer=None, pooling="avg", image_size=None,
                  resize="stretch", augment="none", weights=None, preprocess=None, batch_size=32,
                  engine="auto", cache=None, decode=DEFAULT_DECODE):
         self.backbone = backbone
@@ -57,31 +79,38 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         self.decode = decode
 
     def fit(self, X=None, y=None):
-        """Validate the parameters and resolve the weights; no learning happens."""
+        """Validate the parameters and resolve the weights; no learning happens.
+
+        Parameters
+        ----------
+        X, y : ignored
+
+        Returns
+        -------
+        self
+        """
         if self.resize not in RESIZE_MODES:
             raise UsageError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        if int(self.batch_size) < 1:
-            raise UsageError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise UsageError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         check_decode(self.decode)
         entry = get_backbone(self.backbone, preprocess_mode=self.preprocess)
         self.spec_, self.weights_ = make_spec(entry, layer=self.layer, pooling=self.pooling,
                                               image_size=self.image_size, resize=self.resize,
                                               augment=self.augment, weights=self.weights)
-        self.n_features_out_ = self._model.dim
+        at_default_layer = entry.dim is not None and self.spec_.layer == (entry.layer or "")
+        self.n_features_out_ = entry.dim if at_default_layer else None
         return self
 
     @property
     def _model(self):
-        """The network, built on first use (and again after unpickling)."""
-        if getattr(self, "_model_cache", None) is None:
-            entry = get_backbone(self.backbone, preprocess_mode=self.preprocess)
-            self._model_cache = FeatureModel(entry, self.spec_, self.weights_, engine=self.engine)
-        return self._model_cache
+        entry = get_backbone(self.backbone, preprocess_mode=self.preprocess)
+        return shared_feature_model(entry, self.spec_, self.weights_, self.engine)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_model_cache", None)
-        return state
+    def _features(self, images):
+        features = self._model(images)
+        self.n_features_out_ = features.shape[1]
+        return features
 
     def transform(self, X):
         """Features of images.
@@ -95,8 +124,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_features_out_), float32
         """
-        if not hasattr(self, "spec_"):
-            self.fit()
+        check_is_fitted(self, "spec_")
         if isinstance(X, np.ndarray) and X.ndim == 4:
             return self._from_arrays(X)
         paths = [str(Path(p).resolve()) for p in (X.ravel() if isinstance(X, np.ndarray) else X)]
@@ -105,9 +133,20 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         return self._cached(paths)
 
     def get_feature_names_out(self, input_features=None):
-        """``<backbone>_0`` ... ``<backbone>_{D-1}``."""
-        from .backbones import backbone_file_stem
+        """Names of the output features.
 
+        Parameters
+        ----------
+        input_features : ignored
+
+        Returns
+        -------
+        ndarray of str of shape (n_features_out_,)
+            ``<backbone>_0`` ... ``<backbone>_{D-1}``.
+        """
+        check_is_fitted(self, "spec_")
+        if self.n_features_out_ is None:
+            self.n_features_out_ = self._model.dim
         stem = backbone_file_stem(self.backbone)
         return np.array([f"{stem}_{i}" for i in range(self.n_features_out_)], dtype=object)
 
@@ -120,8 +159,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
             # Rounded as the engine rounds other dtypes (not truncated).
             batch = np.clip(np.rint(np.asarray(images[start:start + int(self.batch_size)])), 0, 255).astype(np.uint8)
             batch = np.stack([resize_array(im, size, self.resize) for im in batch])
-            out.append(self._model(batch))
-        return np.concatenate(out) if out else np.zeros((0, self.n_features_out_), np.float32)
+            out.append(self._features(batch))
+        return np.concatenate(out) if out else np.zeros((0, self.n_features_out_ or 0), np.float32)
 
     def _from_files(self, paths):
         target = Target(self.spec_.image_size, self.spec_.resize, self.decode)
@@ -132,39 +171,27 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
                 raise ImageError(f"{path}: {item}")
             batch.append(item.outputs[0])
             if len(batch) == batch_size:
-                out.append(self._model(np.stack(batch)))
+                out.append(self._features(np.stack(batch)))
                 batch = []
         if batch:
-            out.append(self._model(np.stack(batch)))
-        return np.concatenate(out) if out else np.zeros((0, self.n_features_out_), np.float32)
+            out.append(self._features(np.stack(batch)))
+        return np.concatenate(out) if out else np.zeros((0, self.n_features_out_ or 0), np.float32)
 
     def _cached(self, paths):
-        import h5py
+        settings = {**self.spec_.identity(), "decode": self.decode}
+        known = read_cached_features(self.cache, settings)
+        keys = [_stat_key(p) for p in paths]
+        missing = sorted(set(keys) - set(known))
+        if missing:
+            new = self._from_files([k[0] for k in missing])
+            known.update(zip(missing, new))
+            write_cached_features(self.cache, settings, known)
+        return np.stack([known[k] for k in keys]) if keys else self._from_files([])
 
-        from .store import STR
 
-        identity = {**self.spec_.identity(), "decode": self.decode}
-        key = "/".join(f"{k}={v}" for k, v in sorted(identity.items())).replace("/", "|")
-        keys = [f"{p}|{'|'.join(map(str, file_stat(p)))}" if os.path.exists(p) else p for p in paths]
-        Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(self.cache, "a") as f:
-            group = f.require_group(key)
-            known = {}
-            if "keys" in group:
-                known = {k: i for i, k in enumerate(group["keys"].asstr()[()])}
-            missing = sorted({k for k in keys if k not in known})
-            if missing:
-                where = {k: p for k, p in zip(keys, paths)}
-                new = self._from_files([where[k] for k in missing])
-                if "keys" not in group:
-                    group.create_dataset("keys", shape=(0,), maxshape=(None,), dtype=STR)
-                    group.create_dataset("features", shape=(0, new.shape[1]), maxshape=(None, new.shape[1]),
-                                         dtype="f4", chunks=True)
-                n = group["keys"].shape[0]
-                group["keys"].resize((n + len(missing),))
-                group["features"].resize((n + len(missing), new.shape[1]))
-                group["keys"][n:] = np.array(missing, dtype=object)
-                group["features"][n:] = new
-                known.update({k: n + i for i, k in enumerate(missing)})
-            unique_rows, inverse = np.unique([known[k] for k in keys], return_inverse=True)
-            return group["features"][unique_rows][inverse]
+def _stat_key(path):
+    """(path, size, mtime_ns); a missing file gets -1s (reading it then names the problem)."""
+    try:
+        return (path, *file_stat(path))
+    except OSError:
+        return (path, -1, -1)

@@ -3,14 +3,17 @@
 ``predict(model_path, images)`` rebuilds every backbone the model was trained on from the
 extraction settings stored in the model (refusing weights whose sha256 differs), extracts the
 features of the images in streamed batches, applies the same per-block L2 normalisation, and
-returns one ``Prediction`` per image. Unreadable images are reported, not fatal. A ``.keras``
-model (from ``featurepipe.finetune``) is handed to that module.
+returns one ``Prediction`` per image. Unreadable images are reported, not fatal.
+
+``load_model(path)`` is the one model loader: ``MODEL_KINDS`` maps a file suffix to a class
+(``.joblib`` from ``featurepipe.fit``, ``.keras`` from ``featurepipe.finetune``), each with
+``predict_paths(paths) -> list[Prediction]``. A new kind of model is one class and one entry.
 """
 
 import csv
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
 from .images import expand_paths
-from .reader import read_images, target_from_attrs
+from .reader import FILE_DECODE_DEFAULT, Target, read_images, target_from_attrs
 
 CHUNK = 256
 
@@ -39,13 +42,11 @@ class Prediction:
     error: str = ""
 
 
-def load_model(model_path):
+def load_bundle(model_path):
     """Load a model bundle saved by ``featurepipe.fit`` (only from a path the user gave)."""
     import joblib
 
     path = Path(model_path)
-    if not path.is_file():
-        raise UsageError(f"model file not found: '{path}'")
     try:
         bundle = joblib.load(path)
     except Exception as err:
@@ -53,6 +54,88 @@ def load_model(model_path):
     if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
         raise DataError(f"'{path}' is not a featurepipe model (saved by python -m featurepipe.fit)")
     return bundle
+
+
+class FeaturesModel:
+    """A ``.joblib`` from ``featurepipe.fit``: the backbones rebuilt from their stored settings,
+    then the scikit-learn classifier on their joined features.
+
+    Attributes
+    ----------
+    bundle : dict
+        As saved by fit (``model``, ``blocks``, ``class_names``, ...).
+    estimator : the fitted scikit-learn classifier
+    """
+
+    def __init__(self, path, *, batch_size=32, engine="auto", workers=None):
+        self.bundle = load_bundle(path)
+        self.estimator = self.bundle["model"]
+        self.batch_size, self.engine, self.workers = batch_size, engine, workers
+        self._models = None
+
+    def predict_paths(self, paths):
+        """One Prediction per image file, in order (probability of the top class)."""
+        if self._models is None:  # built on the first images, once
+            self._models = feature_models(self.bundle, engine=self.engine)
+        targets = [target_from_attrs(b["attrs"]) for b in self.bundle["blocks"]]
+        X, good, errors = _chunk_features(paths, self._models, targets, self.batch_size, self.workers)
+        proba = self.estimator.predict_proba(X) if good else []
+        answers = dict(zip(good, proba))
+        classes = [self.bundle["class_names"][int(c)] for c in self.estimator.classes_]
+        return [_answer(path, classes, answers.get(i), errors.get(i)) for i, path in enumerate(paths)]
+
+
+class FinetunedModel:
+    """A ``.keras`` from ``featurepipe.finetune`` (its ``.json`` beside it gives the class names,
+    input size, resize and decode): images in, class probabilities out."""
+
+    def __init__(self, path, *, batch_size=32, engine="auto", workers=None):
+        from .finetune.model import load_finetuned
+
+        self.keras_model, meta = load_finetuned(path)
+        self.class_names = list(meta["class_names"])
+        self.target = Target(int(meta["image_size"]), meta.get("resize", "stretch"),
+                             meta.get("attrs", {}).get("decode", FILE_DECODE_DEFAULT))
+        self.batch_size, self.workers = batch_size, workers
+
+    def predict_paths(self, paths):
+        """One Prediction per image file, in order (probability of the top class)."""
+        reads = list(read_images(paths, [self.target], workers=self.workers))
+        errors = {i: str(r) for i, r in enumerate(reads) if isinstance(r, ImageError)}
+        good = [i for i in range(len(paths)) if i not in errors]
+        proba = [self.keras_model.predict(np.stack([reads[i].outputs[0] for i in good[s:s + self.batch_size]])
+                                          .astype(np.float32), verbose=0)
+                 for s in range(0, len(good), self.batch_size)]
+        answers = dict(zip(good, np.concatenate(proba) if proba else []))
+        return [_answer(path, self.class_names, answers.get(i), errors.get(i)) for i, path in enumerate(paths)]
+
+
+MODEL_KINDS = {".joblib": FeaturesModel, ".keras": FinetunedModel}
+
+
+def load_model(model_path, *, batch_size=32, engine="auto", workers=None):
+    """The model at ``model_path``, of the kind its suffix names (``MODEL_KINDS``).
+
+    Returns
+    -------
+    FeaturesModel or FinetunedModel
+        Anything with ``predict_paths(paths) -> list[Prediction]``.
+    """
+    path = Path(model_path)
+    kind = MODEL_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise UsageError(f"--model {path}: unknown model kind '{path.suffix}'; give a "
+                         f"{' or '.join(MODEL_KINDS)} file (saved by featurepipe.fit or featurepipe.finetune)")
+    if not path.is_file():
+        raise UsageError(f"model file not found: '{path}'")
+    return kind(path, batch_size=batch_size, engine=engine, workers=workers)
+
+
+def _answer(path, classes, proba, error):
+    if error is not None:
+        return Prediction(str(path), "", float("nan"), error)
+    k = int(np.argmax(proba))
+    return Prediction(str(path), classes[k], float(proba[k]))
 
 
 def expand_images(items):
@@ -87,7 +170,8 @@ def predict(model_path, images, *, min_prob=None, batch_size=32, engine="auto", 
     Parameters
     ----------
     model_path : str or Path
-        A ``.joblib`` saved by ``featurepipe.fit`` (or a ``.keras`` from ``featurepipe.finetune``).
+        A ``.joblib`` saved by ``featurepipe.fit`` or a ``.keras`` from ``featurepipe.finetune``
+        (see ``MODEL_KINDS``).
     images : list of str or Path
         Image files and folders (searched recursively).
     min_prob : float, optional
@@ -110,34 +194,12 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
     paths = expand_images(images)
     if not paths:
         raise UsageError("no image files given (files or folders of .jpg/.png/...)")
-    if str(model_path).endswith(".keras"):
-        from .finetune import predict_images  # models saved by the fine-tuning stage
-
-        for path, label, prob in predict_images(model_path, paths, batch_size=batch_size):
-            if label is None:  # prob is the reason the image could not be read
-                yield Prediction(str(path), "", float("nan"), str(prob))
-            else:
-                yield Prediction(str(path), "unknown" if min_prob is not None and prob < min_prob else label, float(prob))
-        return
-    bundle = load_model(model_path)
-    models = feature_models(bundle, engine=engine)
-    targets = [target_from_attrs(b["attrs"]) for b in bundle["blocks"]]
-    classes = list(bundle["class_names"])
+    model = load_model(model_path, batch_size=batch_size, engine=engine, workers=workers)
     for start in range(0, len(paths), CHUNK):
-        chunk = paths[start:start + CHUNK]
-        X, good, errors = _chunk_features(chunk, models, targets, batch_size, workers)
-        proba = bundle["model"].predict_proba(X) if len(good) else np.zeros((0, len(classes)))
-        answers = dict(zip(good, proba))
-        for i, path in enumerate(chunk):
-            if i in errors:
-                yield Prediction(path, "", float("nan"), errors[i])
-                continue
-            p = answers[i]
-            k = int(np.argmax(p))
-            label = classes[int(bundle["model"].classes_[k])]
-            if min_prob is not None and p[k] < min_prob:
-                label = "unknown"
-            yield Prediction(path, label, float(p[k]))
+        for pred in model.predict_paths(paths[start:start + CHUNK]):
+            if min_prob is not None and not pred.error and pred.probability < min_prob:
+                pred = replace(pred, label="unknown")
+            yield pred
 
 
 def _chunk_features(chunk, models, targets, batch_size, workers):

@@ -219,7 +219,7 @@ def results_section(rows):
 
 def best_model(rows, folder):
     """(row, loaded model bundle) of the best row whose scikit-learn model is saved, or None."""
-    import joblib
+    from .predict import load_model
 
     for r in rows:
         model = Path(r.get("model") or "")
@@ -229,7 +229,7 @@ def best_model(rows, folder):
             model = Path(folder) / Path(str(model)).name
         if model.suffix == ".joblib" and model.is_file():
             try:
-                return r, joblib.load(model)
+                return r, load_model(model).bundle
             except Exception as err:  # an old or foreign pickle: try the next row
                 warnings.warn(f"cannot load {model} ({err}); trying the next row", stacklevel=2)
     return None

@@ -367,3 +367,46 @@ def write_json_atomic(path, obj):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- transformer cache
+#
+# ``CNNFeatures(cache=PATH)`` keeps a feature file of this same layout: ``paths`` hold absolute
+# paths, ``file_size``/``mtime_ns`` their stat when read, ``labels`` -1, ``split`` "cache", no
+# classes, and the attrs the extraction settings. A row is reused only for the same path, size,
+# mtime and settings; other settings replace the file.
+
+CACHE_SPLIT = "cache"
+
+
+def read_cached_features(cache_path, settings):
+    """{(abs path, size, mtime_ns): features (D,)} of a transformer cache written with ``settings``
+    (empty when the file is missing, unreadable or made with other settings)."""
+    try:
+        f = load(cache_path)
+    except DataError:
+        return {}
+    if {k: str(v) for k, v in settings.items()} != {k: str(f.attrs.get(k)) for k in settings}:
+        return {}
+    keys = ((str(p), int(s), int(m)) for p, s, m in zip(f.paths, f.file_size, f.mtime_ns))
+    return dict(zip(keys, f.X))
+
+
+def write_cached_features(cache_path, settings, rows):
+    """Atomically write a transformer cache of ``rows``: {(abs path, size, mtime_ns): features (D,)}."""
+    cache_path = Path(cache_path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted(rows)
+    dim = len(rows[keys[0]]) if keys else 0
+    writer = FeatureFileWriter(cache_path, n_rows=len(keys), dim=dim, class_names=[],
+                               attrs={k: str(v) for k, v in settings.items()})
+    try:
+        writer.write_rows(np.arange(len(keys)), features=np.stack([rows[k] for k in keys]) if keys else
+                          np.zeros((0, dim), np.float32), labels=np.full(len(keys), -1),
+                          paths=[k[0] for k in keys], split=[CACHE_SPLIT] * len(keys),
+                          file_size=[k[1] for k in keys], mtime_ns=[k[2] for k in keys],
+                          sha1=[""] * len(keys))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise

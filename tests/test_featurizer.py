@@ -1,18 +1,22 @@
+import os
 import pickle
 
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.estimator_checks import (check_get_params_invariance, check_no_attributes_set_in_init,
+                                            check_parameters_default_constructible, check_set_params)
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
-from featurepipe import engines
-from featurepipe.errors import ImageError
+from featurepipe import engines, featurizer
+from featurepipe.errors import ImageError, UsageError
 from featurepipe.extract import extract
 from featurepipe.featurizer import CNNFeatures
 from featurepipe.images import list_images
-from featurepipe.store import load
+from featurepipe.store import CACHE_SPLIT, load
 
 
 def _featurizer(model_path, **kw):
@@ -55,8 +59,7 @@ def test_pipeline_grid_search_with_cache_extracts_each_image_once(tiny_data, tin
     pipe = make_pipeline(_featurizer(tiny_model_path, cache=tmp_path / "cache.h5"), LogisticRegression(max_iter=500))
     search = GridSearchCV(pipe, {"logisticregression__C": [0.1, 10.0]}, cv=3).fit(paths, index.labels)
     assert search.best_score_ >= 0.9
-    n_extracted = sum(calls) - calls.count(1)  # the dimension probe runs one blank image
-    assert n_extracted == len(paths)
+    assert sum(calls) == len(paths)  # fit runs no forward pass; every image extracted once
 
 
 def test_bad_image_in_transform_names_the_file(tiny_data, tiny_model_path):
@@ -64,3 +67,80 @@ def test_bad_image_in_transform_names_the_file(tiny_data, tiny_model_path):
     bad.write_text("nope")
     with pytest.raises(ImageError, match="bad.jpg"):
         _featurizer(tiny_model_path).fit().transform([bad])
+
+
+@pytest.mark.parametrize("check", [check_get_params_invariance, check_set_params,
+                                   check_no_attributes_set_in_init, check_parameters_default_constructible])
+def test_scikit_learn_estimator_checks(check):
+    check("CNNFeatures", CNNFeatures())
+
+
+def test_parameters_are_keyword_only():
+    with pytest.raises(TypeError):
+        CNNFeatures("mobilenet_v2")
+
+
+def test_unfitted_transform_raises_not_fitted(tiny_model_path):
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    with pytest.raises(NotFittedError):
+        _featurizer(tiny_model_path).transform(images)
+    with pytest.raises(NotFittedError):
+        _featurizer(tiny_model_path).get_feature_names_out()
+
+
+def test_fit_builds_no_network_and_takes_the_size_from_the_registry(monkeypatch):
+    built = []
+    monkeypatch.setattr(featurizer, "FeatureModel", lambda *a, **k: built.append(a))
+    est = CNNFeatures(backbone="mobilenet_v2", weights="none").fit()
+    assert est.n_features_out_ == 1280 and built == []
+    assert est.get_feature_names_out().shape == (1280,) and built == []
+
+
+def test_fit_validates_what_init_stored(tiny_model_path):
+    est = _featurizer(tiny_model_path, batch_size=0)
+    assert est.batch_size == 0  # stored as given
+    with pytest.raises(UsageError, match="batch_size"):
+        est.fit()
+    with pytest.raises(UsageError, match="resize"):
+        _featurizer(tiny_model_path, resize="bogus").fit()
+
+
+def test_other_layer_size_known_after_first_transform(tiny_model_path):
+    est = _featurizer(tiny_model_path).fit()
+    assert est.n_features_out_ is None  # a file: model has no registry size
+    out = est.transform(np.zeros((2, 32, 32, 3), np.uint8))
+    assert est.n_features_out_ == out.shape[1] == 16
+
+
+def test_clones_share_one_network(tiny_model_path, monkeypatch):
+    monkeypatch.setattr(featurizer, "_MODELS", {})
+    built = []
+    real = featurizer.FeatureModel
+    monkeypatch.setattr(featurizer, "FeatureModel", lambda *a, **k: built.append(a) or real(*a, **k))
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    est = _featurizer(tiny_model_path)
+    for copy in (est, clone(est), clone(est), pickle.loads(pickle.dumps(clone(est).fit()))):
+        copy.fit().transform(images)
+    assert len(built) == 1
+    _featurizer(tiny_model_path, pooling="max").fit().transform(images)
+    assert len(built) == 2  # other settings, another network
+
+
+def test_cache_is_a_feature_file_keyed_by_settings_and_stat(tiny_data, tiny_model_path, tmp_path, monkeypatch):
+    paths = [str(p) for p in sorted((tiny_data / "red").glob("*"))][:3]
+    cache = tmp_path / "c" / "cache.h5"
+    calls = []
+    real = engines.FeatureModel.__call__
+    monkeypatch.setattr(engines.FeatureModel, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
+    first = _featurizer(tiny_model_path, cache=cache).fit().transform(paths)
+    f = load(cache)
+    assert sorted(f.paths) == sorted(paths) and set(f.split) == {CACHE_SPLIT} and f.X.shape == (3, 16)
+    assert f.attrs["pooling"] == "avg"
+    np.testing.assert_array_equal(_featurizer(tiny_model_path, cache=cache).fit().transform(paths[::-1]), first[::-1])
+    assert sum(calls) == 3  # the second call read the cache
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file is extracted again
+    _featurizer(tiny_model_path, cache=cache).fit().transform(paths)
+    assert sum(calls) == 4
+    _featurizer(tiny_model_path, cache=cache, pooling="max").fit().transform(paths)
+    assert sum(calls) == 7 and load(cache).attrs["pooling"] == "max"  # other settings: extracted

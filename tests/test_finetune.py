@@ -10,6 +10,7 @@ from featurepipe import finetune as ft
 from featurepipe.cli import run_main
 from featurepipe.errors import UsageError
 from featurepipe.extract import extract
+from featurepipe.predict import predict
 from featurepipe.reader import load_image
 from featurepipe.store import load
 
@@ -129,12 +130,11 @@ def test_cached_head_equals_head_on_live_base(bn_model_path, bn_features, tmp_pa
 
     bad = make_image(tmp_path / "bad.jpg", (0, 0, 0))
     bad.write_bytes(b"not an image")
-    rows = ft.predict_images(result.model_path, [f"{root}/{p}" for p in feats.paths] + [bad],
-                             batch_size=4)
+    rows = predict(result.model_path, [f"{root}/{p}" for p in feats.paths] + [bad], batch_size=4)
     names = [feats.class_names[k] for k in cached.argmax(1)]
-    assert [r[1] for r in rows[:-1]] == names
-    np.testing.assert_allclose([r[2] for r in rows[:-1]], cached.max(1), atol=1e-5)
-    assert rows[-1][0] == str(bad) and rows[-1][1] is None and "not an image" in rows[-1][2]
+    assert [r.label for r in rows[:-1]] == names
+    np.testing.assert_allclose([r.probability for r in rows[:-1]], cached.max(1), atol=1e-5)
+    assert rows[-1].path == str(bad) and rows[-1].label == "" and "not an image" in rows[-1].error
 
 
 def test_killed_run_resumes_from_last_epoch(bn_model_path, bn_features, tmp_path):

@@ -1,14 +1,18 @@
 import csv
-import sys
-import types
+import json
+from pathlib import Path
 
 import joblib
+import numpy as np
 import pytest
 
 from featurepipe.errors import DataError, UsageError
 from featurepipe.extract import extract
 from featurepipe.fit import fit
-from featurepipe.predict import Prediction, main, predict
+from featurepipe.cli import run_main
+from featurepipe.predict import (MODEL_KINDS, FeaturesModel, FinetunedModel, Prediction, load_model, main,
+                                 predict)
+from featurepipe.reader import FILE_DECODE_DEFAULT, Target, read_images
 
 from conftest import make_dataset, make_image
 
@@ -83,18 +87,47 @@ def test_predict_warns_when_tensorflow_differs(trained, tmp_path):
         predict(old, [data / "red"])
 
 
-def test_keras_models_go_to_the_finetune_stage(monkeypatch, tmp_path):
-    seen = []
+@pytest.fixture()
+def finetuned(tmp_path):
+    """A tiny ``.keras`` in fine-tune's format (a model of RGB 0..255 in, softmax out, and its .json)."""
+    import keras
 
-    def predict_images(model_path, image_paths, *, batch_size=32):
-        seen.append((str(model_path), list(image_paths)))
-        return [(image_paths[0], "x", 0.9), (image_paths[1], None, "cannot decode")]
+    inputs = keras.Input((16, 16, 3))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs / 255.0))
+    path = tmp_path / "m__finetune.keras"
+    keras.Model(inputs, outputs).save(path)
+    path.with_suffix(".json").write_text(json.dumps({
+        "class_names": ["blue", "green", "red"], "image_size": 16, "resize": "stretch"}))
+    return path
 
-    monkeypatch.setitem(sys.modules, "featurepipe.finetune", types.SimpleNamespace(predict_images=predict_images))
+
+def test_both_model_kinds_load_through_one_function(trained, finetuned, tmp_path):
+    import keras
+
+    data, joblib_model = trained
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    paths = [str(p) for p in sorted((data / "red").iterdir())][:3] + [str(bad)]
+    for path, kind in ((joblib_model, FeaturesModel), (finetuned, FinetunedModel)):
+        model = load_model(path, batch_size=2)
+        assert type(model) is kind and MODEL_KINDS[Path(path).suffix] is kind
+        preds = model.predict_paths(paths)
+        assert [p.path for p in preds] == paths
+        assert all(p.label in ("blue", "green", "red") and 0 < p.probability <= 1 for p in preds[:3])
+        assert preds[3].label == "" and "not an image" in preds[3].error
+    # the Keras kind reads images with featurepipe.reader, as the model's .json says
+    target = Target(16, "stretch", FILE_DECODE_DEFAULT)
+    images = np.stack([r.outputs[0] for r in read_images(paths[:3], [target])]).astype(np.float32)
+    expected = keras.models.load_model(finetuned).predict(images, verbose=0)
+    np.testing.assert_allclose([p.probability for p in preds[:3]], expected.max(1), rtol=1e-5)
+    assert [p.label for p in preds[:3]] == [["blue", "green", "red"][k] for k in expected.argmax(1)]
+    assert predict(finetuned, paths[:1], min_prob=1.0)[0].label == "unknown"
+
+
+def test_unknown_model_suffix_is_one_line_exit_2(tmp_path, capsys):
+    model = tmp_path / "m.pkl"
+    model.write_text("x")
     img = make_image(tmp_path / "a.png", (20, 40, 220))
-    bad = tmp_path / "b.jpg"
-    bad.write_text("x")
-    preds = predict(tmp_path / "m.keras", [img, bad], min_prob=0.5)
-    assert preds == [Prediction(str(img), "x", 0.9), Prediction(str(bad), "", preds[1].probability, "cannot decode")]
-    assert seen == [(str(tmp_path / "m.keras"), [str(img), str(bad)])]
-    assert predict(tmp_path / "m.keras", [img, bad], min_prob=0.95)[0].label == "unknown"
+    assert run_main(main, ["--model", str(model), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model kind '.pkl'" in err and ".joblib or .keras" in err

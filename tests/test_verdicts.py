@@ -14,6 +14,7 @@ from conftest import make_dataset
 from featurepipe import finetune
 from featurepipe.errors import ImageError
 from featurepipe.extract import extract
+from featurepipe.predict import predict
 from featurepipe.reader import Target, read_image
 from featurepipe.store import load, load_part
 from test_reader import bounded
@@ -92,7 +93,6 @@ def test_transformer(world, tiny_model_path):
 
 
 def test_predict(world):
-    from featurepipe.predict import predict
 
     data, _, model, verdicts = world
     answers = bounded(lambda: predict(model, [data / "red"], engine="tf"))
@@ -150,6 +150,6 @@ def test_finetune_image_cache_and_predict(world, tiny_model_path, tmp_path):
     model_path.with_suffix(".json").write_text(json.dumps({
         "class_names": ["blue", "green", "red"], "image_size": 32, "resize": "stretch",
         "attrs": {"decode": "scaled"}}))
-    answers = bounded(lambda: finetune.predict_images(model_path, [data / "red"]))
-    errors = {os.path.basename(path): reason for path, label, reason in answers if label is None}
+    answers = bounded(lambda: predict(model_path, [data / "red"]))
+    errors = {os.path.basename(a.path): a.error for a in answers if a.error}
     assert errors == verdicts and len(answers) == 7

@@ -1,5 +1,5 @@
 """Fine-tuned baseline (a subpackage: ``data`` rows/images/settings, ``model`` the network and
-predict, ``train`` the two stages, ``cli``): a new head on a backbone, then its top layers trained with a low rate.
+its loading (``featurepipe.predict`` classifies with it), ``train`` the two stages, ``cli``): a new head on a backbone, then its top layers trained with a low rate.
 
 Two stages, on exactly the split stored in the backbone's feature file (so the test accuracy sits
 beside the frozen-feature rows of the results table):
@@ -20,9 +20,9 @@ objects) and ``<name>__finetune.json`` (a row of the comparison table plus metad
 """
 
 from .data import output_paths
-from .model import DEFAULT_UNFREEZE, base_of, build_finetune_model, predict_images, set_trainable
+from .model import DEFAULT_UNFREEZE, base_of, build_finetune_model, load_finetuned, set_trainable
 from .train import FinetuneResult, finetune
 from .cli import build_parser, main
 
 __all__ = ["DEFAULT_UNFREEZE", "FinetuneResult", "base_of", "build_finetune_model", "build_parser",
-           "finetune", "main", "output_paths", "predict_images", "set_trainable"]
+           "finetune", "main", "load_finetuned", "output_paths", "set_trainable"]

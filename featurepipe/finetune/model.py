@@ -1,5 +1,5 @@
 """The live network: backbone + in-graph preprocessing + head, which layers train, and
-loading a saved model to classify image files."""
+loading a saved model (``featurepipe.predict`` classifies image files with it)."""
 
 import json
 import os
@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones import PREPROCESS
-from ..errors import DataError, ImageError, UsageError
-from ..images import expand_paths
-from ..reader import FILE_DECODE_DEFAULT, Target, read_images
+from ..errors import DataError, UsageError
 
 
 # Where stage 2 starts unfreezing, per backbone: a layer name (or name prefix: the first layer
@@ -202,46 +200,9 @@ def save_atomic(model, path):
     os.replace(tmp, path)
 
 
-def predict_images(model_path, image_paths, *, batch_size=32):
-    """Classify image files with a fine-tuned ``.keras`` model.
-
-    Parameters
-    ----------
-    model_path : str or Path
-        A ``<name>__finetune.keras`` file; its ``.json`` beside it gives the class names, input
-        size and resize mode.
-    image_paths : sequence of str or Path
-        Image files; a folder stands for the image files below it (sorted).
-    batch_size : int
-
-    Returns
-    -------
-    list of (path, class_name, probability)
-        In input order. An image that cannot be read or decoded does not fail the call: its row is
-        ``(path, None, reason)`` with ``reason`` a short str.
-    """
-    model, meta = _load_for_predict(model_path)
-    target = Target(int(meta["image_size"]), meta.get("resize", "stretch"),
-                    meta.get("attrs", {}).get("decode", FILE_DECODE_DEFAULT))
-    names = meta["class_names"]
-    paths = expand_paths([image_paths] if isinstance(image_paths, (str, Path)) else image_paths)
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        decoded = [str(r) if isinstance(r, ImageError) else r.outputs[0] for r in read_images(chunk, [target])]
-        good = [d for d in decoded if not isinstance(d, str)]
-        probs = iter(model.predict(np.stack(good).astype(np.float32), verbose=0) if good else [])
-        for path, d in zip(chunk, decoded):
-            if isinstance(d, str):
-                results.append((str(path), None, d))
-            else:
-                p = next(probs)
-                k = int(np.argmax(p))
-                results.append((str(path), names[k], float(p[k])))
-    return results
-
-
-def _load_for_predict(model_path):
+def load_finetuned(model_path):
+    """(Keras model, its ``.json`` metadata) of a ``<name>__finetune.keras`` (classified by
+    ``featurepipe.predict.FinetunedModel``)."""
     import keras
 
     model_path = Path(model_path)
