@@ -665,8 +665,13 @@ def build_feature_model(backbone, spec, resolved):
     import keras
 
     pooling = {"pooling": spec.pooling} if backbone.pools_inside else {}
+    weights_path = resolved.path if resolved else None
     try:
-        base = backbone.builder(resolved.path if resolved else None, spec.image_size, **pooling)
+        base = backbone.builder(weights_path, spec.image_size, **pooling)
+    except OSError as err:  # not an HDF5 / .keras file, unreadable, truncated
+        raise UsageError(f"cannot load the weights file '{weights_path}' for '{backbone.name}' "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "pass --weights with a weights file of this network") from None
     except ValueError as err:  # Keras refuses an input too small for the network
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
         reason = next((line for line in lines if line and not line.startswith("Exception encountered")),

@@ -31,10 +31,14 @@ def check_at_least(value, low, option):
     return value
 
 
+MAX_WORKERS = 256  # threads; far more than any machine needs, few enough to start at once
+
+
 def check_workers(workers, option="--workers"):
-    """``None`` (the default: one per core) or a positive count; 0 and negatives are refused."""
-    if workers is not None and (not _is_int(workers) or workers < 1):
-        raise UsageError(f"{option} must be >= 1 (leave it out for the default), got {workers!r}")
+    """``None`` (the default: one per core) or a count in [1, MAX_WORKERS]."""
+    if workers is not None and (not _is_int(workers) or not 1 <= workers <= MAX_WORKERS):
+        raise UsageError(f"{option} must be from 1 to {MAX_WORKERS} (leave it out for the default), "
+                         f"got {workers!r}")
     return workers
 
 

@@ -83,9 +83,10 @@ def session(address):
         else:
             try:
                 dask_client = distributed.Client(value, timeout="20s")
-            except OSError as err:
+            except (OSError, ValueError) as err:  # ValueError: an address scheme Dask does not know
                 raise UsageError(f"cannot reach the Dask scheduler at {value} ({err}); start one "
-                                 "with `dask scheduler` or use --dask local") from None
+                                 "with `dask scheduler` and pass --dask tcp://HOST:8786, or use "
+                                 "--dask local") from None
     except BaseException:
         if cluster is not None:
             cluster.close()

@@ -127,7 +127,11 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
     _check_outside_input(data, out_dir, explicit=out is not None)
     index = list_images(data, exclude=[out_dir], allow_outside=opts.allow_outside)
     _check_same_dataset(out_dir, index.root)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the output folder '{out_dir}' ({err.strerror or err}); "
+                         "pass --out DIR in a writable place") from None
     with _dask_session(opts.dask):
         results = _extract_all(index, backbones, out_dir, opts)
     pointer = latest_pointer()

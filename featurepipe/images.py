@@ -105,6 +105,7 @@ def walk_images(folder, *, exclude=(), seen=None):
     seen = set() if seen is None else seen
     seen |= _exclude_keys(exclude)
     found = []
+    top_real = os.path.realpath(folder)
 
     def visit(path, top=False):
         try:
@@ -121,12 +122,22 @@ def walk_images(folder, *, exclude=(), seen=None):
             if entry.name.startswith("."):
                 continue
             if _is_dir(entry):
+                if entry.is_symlink() and _contains(os.path.realpath(entry.path), top_real):
+                    # a link to a folder above this one would pull in everything around the data set
+                    warnings.warn(f"'{entry.path}' links to a folder that contains '{folder}'; "
+                                  "not followed", stacklevel=4)
+                    continue
                 visit(entry.path)
             elif is_image_file(entry.name):
                 found.append(Path(entry.path))
 
     visit(folder, top=True)
     return sorted(found)
+
+
+def _contains(outer, inner):
+    """Whether real path ``inner`` is ``outer`` or lies below it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def _is_dir(entry):
@@ -226,8 +237,12 @@ def _index_from_folders(root, exclude):
 def _manifest_path(root, path, where, allow_outside):
     """The stored path of a manifest row: relative to ``root``, or absolute when allowed outside."""
     full = Path(os.path.normpath(path if os.path.isabs(path) else root / path))
+    real = os.path.realpath(full)  # a symlink inside the folder may point outside it
     try:
-        return full.relative_to(root).as_posix()
+        rel = full.relative_to(root).as_posix()
+        if not allow_outside and not _contains(str(root), real):
+            raise ValueError(real)
+        return rel
     except ValueError:
         if not allow_outside:
             raise DataError(f"{where}: '{path}' is outside the manifest's folder '{root}'; move the "

@@ -11,6 +11,7 @@ returns one ``Prediction`` per image. Unreadable images are reported, not fatal.
 """
 
 import csv
+import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -247,6 +248,10 @@ def _open_csv(path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    missing = [item for item in args.images if not os.path.lexists(item)]
+    if missing:  # a typo on the command line, not a bad image among many
+        raise UsageError(f"no such file or folder: '{missing[0]}'"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
     try:

@@ -27,6 +27,7 @@ def _one_line_exit_2(module, argv, capsys, *needles):
     (["--image-size", "100000"], "--image-size"),
     (["--workers", "-1"], "--workers"),
     (["--workers", "0"], "--workers"),
+    (["--workers", "100000000"], "--workers"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**32)], "--seed"),
     (["--backbone", "squeezenet", "--preprocess", "tf"], "--preprocess"),
@@ -158,3 +159,56 @@ def test_images_next_to_class_folders_and_unreadable_folders_are_named(tmp_path,
     assert "stray.jpg" in messages and "outside any class folder" in messages
     assert "cannot read folder" in messages and "green" in messages and "Permission denied" in messages
     assert "stray.jpg" not in " ".join(index.paths)
+
+
+def test_a_weights_file_that_is_not_weights_is_one_line(tiny_data, tmp_path, capsys):
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not weights")
+    _one_line_exit_2(extract, ["--data", str(tiny_data), "--out", str(tmp_path / "out"), "--quiet",
+                               "--no-verify", "--backbone", "squeezenet", "--weights", str(junk),
+                               "--engine", "tf"], capsys, "junk.h5")
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_exit_2(extract, ["--data", str(tiny_data), "--out", str(blocker / "out"), "--quiet",
+                               "--backbone", "squeezenet"], capsys, "output folder")
+
+
+def test_an_unknown_dask_address_scheme_is_one_line(tiny_data, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    _one_line_exit_2(extract, ["--data", str(tiny_data), "--out", str(tmp_path / "out"), "--quiet",
+                               "--backbone", "squeezenet", "--dask", "bogus://x"], capsys, "bogus")
+
+
+def test_predict_on_a_path_that_does_not_exist_is_one_line(tmp_path, capsys):
+    model = tmp_path / "m.joblib"
+    model.write_bytes(b"")
+    _one_line_exit_2(predict, ["--model", str(model), str(tmp_path / "missing_dir")], capsys,
+                     "missing_dir")
+
+
+def test_a_link_to_a_folder_above_the_data_is_not_followed(tmp_path):
+    from featurepipe.images import list_images
+
+    root = make_dataset(tmp_path / "d", n_per_class=2)
+    make_image(tmp_path / "elsewhere" / "x.png", (9, 9, 9))  # around the data set, not in it
+    (root / "red" / "up").symlink_to("../..")
+    with pytest.warns(UserWarning, match="not followed"):
+        index = list_images(root)
+    assert len(index.paths) == 6 and not any("elsewhere" in p or "/up/" in p for p in index.paths)
+
+
+def test_a_csv_row_through_a_link_leaving_the_folder_is_refused(tmp_path):
+    from featurepipe.images import list_images
+
+    outside = make_image(tmp_path / "outside" / "x.png", (9, 9, 9))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "link").symlink_to(outside.parent)
+    make_image(folder / "in.png", (1, 1, 1))
+    (folder / "m.csv").write_text("in.png,a\nlink/x.png,b\n")
+    with pytest.raises(DataError, match="outside the manifest"):
+        list_images(folder / "m.csv")
+    assert len(list_images(folder / "m.csv", allow_outside=True).paths) == 2
