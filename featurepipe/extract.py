@@ -245,7 +245,7 @@ def _extract_all(index, names, out_dir, opts):
     return results
 
 
-@dataclass
+@dataclass(eq=False)  # found in its job's outputs by identity
 class _Output:
     """One feature file of a job: (locked) path, plan and chunks of the images it still needs."""
 
