@@ -348,7 +348,7 @@ def _remove_leftovers(path, parts_dir):
         removed += remove_stale_temps(parts_dir)
     if removed:
         warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
-                      f"{removed[0]}", stacklevel=3)
+                      f"{removed[0]}", stacklevel=4)
 
 
 def _verify_written(path, spec, opts):
