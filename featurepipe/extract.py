@@ -23,8 +23,8 @@ import numpy as np
 
 from .cli import OneLineParser, warn_line
 from . import __version__
-from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, backbone_file_stem, get_backbone,
-                        list_layers, make_spec)
+from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, feature_file_stem, get_backbone,
+                        list_layers, make_spec, split_layers, with_layers)
 from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
                      check_workers)
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
@@ -79,7 +79,7 @@ class Options:
 
     batch_size: int = DEFAULT_BATCH_SIZE
     image_size: int = None
-    layer: str = None
+    layer: object = None          # a layer name, or several (one forward pass, one file per layer)
     pooling: str = "avg"
     weights: str = None
     preprocess: str = None
@@ -118,7 +118,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
 
     Returns
     -------
-    list of ExtractResult, one per backbone
+    list of ExtractResult, one per feature file (per backbone, and per layer of ``layer=[...]``)
     """
     opts = Options(**options)
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
@@ -190,6 +190,8 @@ def _validate(opts, backbones):
         raise UsageError(f"unknown --preprocess '{opts.preprocess}'; use one of {', '.join(PREPROCESS)}")
     if len(backbones) > 1 and (opts.weights or opts.layer):
         raise UsageError("--weights and --layer apply to one backbone; run one --backbone at a time")
+    if len(_layers(opts)) > 1 and opts.dask is not None:
+        raise UsageError("several --layer values run locally only; leave out --dask or give one --layer")
     for name in backbones:
         get_backbone(name, preprocess_mode=opts.preprocess)
 
@@ -216,9 +218,16 @@ class _Lock:
         self.fh.close()
 
 
-def output_path(out_dir, backbone_name, augment):
-    stem = backbone_file_stem(backbone_name) + ("-flip" if augment == "flip" else "")
-    return Path(out_dir) / f"{stem}.h5"
+def _layers(opts):
+    """The layers asked for: ``(None,)`` for the backbone's default, else the names given."""
+    if not opts.layer:
+        return (None,)
+    return (opts.layer,) if isinstance(opts.layer, str) else tuple(opts.layer)
+
+
+def output_path(out_dir, backbone_name, augment, layer=None):
+    """``OUT/<backbone>.h5`` for the default layer, ``OUT/<backbone>@<layer>.h5`` for another."""
+    return Path(out_dir) / f"{feature_file_stem(backbone_name, layer=layer, augment=augment)}.h5"
 
 
 def _extract_all(index, names, out_dir, opts):
@@ -231,27 +240,42 @@ def _extract_all(index, names, out_dir, opts):
                 _run_chunks_on_dask(index, job, opts)
         else:
             _run_local(index, jobs, opts)
-        results = [_finish(index, job, opts, started) for job in jobs]
-    for result, job in zip(results, jobs):
+        outputs = [(job, output) for job in jobs for output in job.outputs]
+        results = [_finish(index, job, output, opts, started) for job, output in outputs]
+    for result, (_, output) in zip(results, outputs):
         if not opts.quiet:
             print(result.summary(), file=sys.stderr)
-        _verify_written(result.path, job.spec, opts)
+        _verify_written(result.path, output.spec, opts)
     return results
 
 
-@dataclass
-class _Job:
-    """One backbone's share of a run: its file (locked), plan, model and chunks of pending work."""
+@dataclass(eq=False)  # found in its job's outputs by identity
+class _Output:
+    """One feature file of a job: (locked) path, plan and chunks of the images it still needs."""
 
-    spec: object
-    model: object
+    spec: object     # single-layer spec: what the file records
     path: Path
     old: object
     plan: object
     parts_dir: Path
-    chunks: list     # (part file name, index positions) of all pending images
-    todo: list       # the chunks without a valid part on disk
+    chunks: list     # (part file name, index positions) of all its pending images
     n_resumed: int   # pending images whose part an interrupted run left (not computed again)
+
+
+@dataclass
+class _Job:
+    """One backbone's share of a run: one model (one forward pass) and a file per layer.
+
+    ``todo`` holds the chunks to compute: ``(positions, saves)`` where ``saves`` lists
+    ``(output, part name, positions)`` of the files still missing that part; all layers are
+    computed for the positions, each file's part keeps only its own.
+    """
+
+    spec: object     # the model's spec (a layer tuple when several layers are read)
+    model: object
+    outputs: list
+    todo: list
+    n_pending: int   # images some file of this job needs
     engines_used: set = field(default_factory=set)  # names of the engines that computed new rows
 
 
@@ -262,10 +286,21 @@ def _identity(spec, decode):
 
 def _prepare(index, name, out_dir, opts, locks):
     backbone = get_backbone(name, preprocess_mode=opts.preprocess)
-    spec, resolved = make_spec(backbone, layer=opts.layer, pooling=opts.pooling,
-                               image_size=opts.image_size, resize=opts.resize,
-                               augment=opts.augment, weights=opts.weights)
-    path = output_path(out_dir, name, opts.augment)
+    spec, resolved = make_spec(backbone, pooling=opts.pooling, image_size=opts.image_size,
+                               resize=opts.resize, augment=opts.augment, weights=opts.weights)
+    multi = with_layers(spec, _layers(opts))
+    layer_specs = split_layers(multi)
+    model_spec = layer_specs[0] if len(layer_specs) == 1 else multi
+    plans = [_prepare_output(index, name, layer_spec, out_dir, opts, locks) for layer_spec in layer_specs]
+    pending = sorted({pos for _, plan in plans for pos in plan.pending})
+    outputs, todo = _layer_chunks(index, plans, pending, opts)
+    model = FeatureModel(backbone, model_spec, resolved, engine=opts.engine)
+    return _Job(model_spec, model, outputs, todo, len(pending))
+
+
+def _prepare_output(index, name, spec, out_dir, opts, locks):
+    """Lock one layer's file; (its partial _Output, its plan)."""
+    path = output_path(out_dir, name, opts.augment, spec.layer)
     locks.enter_context(_Lock(path.with_name(f".{path.name}.lock")))
     identity = _identity(spec, opts.decode)
     old = _existing_file(path, identity, opts.overwrite)
@@ -273,21 +308,42 @@ def _prepare(index, name, out_dir, opts, locks):
     parts_dir = path.with_name(f".{path.stem}.parts")
     _remove_leftovers(path, parts_dir)
     _prepare_parts_dir(parts_dir, identity)
-    chunks = list(_chunks(plan.pending, index, plan.stats, opts.chunk_size or max(opts.batch_size * 8, 256)))
-    todo = [(part, members) for part, members in chunks
-            if _valid_part(parts_dir / part, index, members, ("paths",)) is None]
-    model = FeatureModel(backbone, spec, resolved, engine=opts.engine)
-    n_resumed = sum(len(members) for _, members in chunks) - sum(len(members) for _, members in todo)
-    return _Job(spec, model, path, old, plan, parts_dir, chunks, todo, n_resumed)
+    return _Output(spec, path, old, plan, parts_dir, chunks=[], n_resumed=0), plan
 
 
-def _finish(index, job, opts, started):
-    extracted, new_skipped = _collect(index, job.parts_dir, job.chunks)
-    result = _assemble(index, job.plan, job.old, extracted, new_skipped, job.path, job.spec,
-                       job.model, opts, started, job.n_resumed, job.engines_used)
-    shutil.rmtree(job.parts_dir, ignore_errors=True)
+def _layer_chunks(index, plans, pending, opts):
+    """Chunks over the images any file needs; each file's share of a chunk is its own part.
+
+    With one file (or files needing the same images) these are exactly a single file's chunks.
+    """
+    size = opts.chunk_size or max(opts.batch_size * 8, 256)
+    outputs = [output for output, _ in plans]
+    todo = []
+    for k, start in enumerate(range(0, len(pending), size)):
+        members = pending[start:start + size]
+        saves = []
+        for output, plan in plans:
+            wanted = set(plan.pending)
+            own = [p for p in members if p in wanted]
+            if not own:
+                continue
+            part = _part_name(k, own, index, plan.stats)
+            output.chunks.append((part, own))
+            if _valid_part(output.parts_dir / part, index, own, ("paths",)) is None:
+                saves.append((output, part, own))
+            else:
+                output.n_resumed += len(own)
+        if saves:
+            todo.append((sorted({p for _, _, own in saves for p in own}), saves))
+    return outputs, todo
+
+
+def _finish(index, job, output, opts, started):
+    extracted, new_skipped = _collect(index, output.parts_dir, output.chunks)
+    result = _assemble(index, output.plan, output.old, extracted, new_skipped, output.path, output.spec,
+                       job.model, opts, started, output.n_resumed, job.engines_used)
+    shutil.rmtree(output.parts_dir, ignore_errors=True)
     return result
-
 
 
 def _remove_leftovers(path, parts_dir):
@@ -297,7 +353,7 @@ def _remove_leftovers(path, parts_dir):
         removed += remove_stale_temps(parts_dir)
     if removed:
         warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
-                      f"{removed[0]}", stacklevel=3)
+                      f"{removed[0]}", stacklevel=4)
 
 
 def _verify_written(path, spec, opts):
@@ -400,12 +456,10 @@ def _splits(index, old, keep, out_dir, path, opts):
                         val_size=opts.val_size, seed=opts.seed, known=known)
 
 
-def _chunks(pending, index, stats, chunk_size):
-    """Fixed chunks of the pending work, each named by a digest of what it holds."""
-    for k, start in enumerate(range(0, len(pending), chunk_size)):
-        members = pending[start:start + chunk_size]
-        digest = hashlib.sha1("\n".join(f"{index.paths[p]}|{stats[p]}" for p in members).encode()).hexdigest()[:16]
-        yield f"part-{k:06d}-{digest}.npz", members
+def _part_name(k, members, index, stats):
+    """Chunk ``k``'s part file, named by a digest of the images it holds."""
+    digest = hashlib.sha1("\n".join(f"{index.paths[p]}|{stats[p]}" for p in members).encode()).hexdigest()[:16]
+    return f"part-{k:06d}-{digest}.npz"
 
 
 def _valid_part(part_path, index, members, keys):
@@ -433,9 +487,9 @@ def _progress(total, desc, quiet):
 def _run_local(index, jobs, opts):
     """Read every image some backbone still needs once, and push it into each such backbone's chunk."""
     active = [job for job in jobs if job.todo]
-    n_pending = sum(len(job.plan.pending) for job in jobs)
+    n_pending = sum(job.n_pending for job in jobs)
     bar = _progress(n_pending, "+".join(job.spec.backbone for job in jobs), opts.quiet)
-    bar.update(n_pending - sum(len(m) for job in active for _, m in job.todo))
+    bar.update(n_pending - sum(len(m) for job in active for m, _ in job.todo))
     if not active:  # every chunk is on disk: no engine to build (nor to record in the file)
         bar.close()
         return
@@ -461,7 +515,8 @@ def _run_local(index, jobs, opts):
 
 
 class _Feed:
-    """One backbone's unfinished chunks, filled image by image in order; each full chunk is saved."""
+    """One backbone's unfinished chunks, filled image by image in order; each full chunk is saved
+    as a part of every file that misses it (each keeping its own layer and images)."""
 
     def __init__(self, job, index, opts, bar):
         self.job, self.index, self.opts, self.bar = job, index, opts, bar
@@ -470,22 +525,34 @@ class _Feed:
         self.target = Target(job.spec.image_size, job.spec.resize, opts.decode,
                              then=model.one if self.per_image else None)
         self.featurize = _stacked_features if self.per_image else model
-        self.positions = [p for _, members in job.todo for p in members]
+        self.positions = [p for members, _ in job.todo for p in members]
         self.chunks = deque(job.todo)
         self._start_chunk()
 
     def _start_chunk(self):
         self.builder = None
         if self.chunks:
-            self.name, members = self.chunks.popleft()
+            members, self.saves = self.chunks.popleft()
             self.builder = _ChunkBuilder([self.index.paths[p] for p in members], self.featurize,
                                          self.opts.batch_size, self.bar)
 
     def add(self, item):
         self.builder.add(item)
         if self.builder.complete:
-            save_part(self.job.parts_dir / self.name, **self.builder.part())
+            layer_parts = self.builder.parts(len(self.job.outputs))
+            for output, name, own in self.saves:
+                wanted = {self.index.paths[p] for p in own}
+                part = layer_parts[self.job.outputs.index(output)]
+                save_part(output.parts_dir / name, **_part_of(part, wanted))
             self._start_chunk()
+
+
+def _part_of(part, wanted):
+    """The rows and skips of ``part`` whose paths are in ``wanted``."""
+    ok = np.array([str(p) in wanted for p in part["paths"]], dtype=bool)
+    bad = np.array([str(p) in wanted for p in part["bad_paths"]], dtype=bool)
+    return {"paths": part["paths"][ok], "features": part["features"][ok], "sha1": part["sha1"][ok],
+            "bad_paths": part["bad_paths"][bad], "bad_reasons": part["bad_reasons"][bad]}
 
 
 def _dask_session(address):
@@ -497,15 +564,20 @@ def _dask_session(address):
 
 
 def _run_chunks_on_dask(index, job, opts):
-    """One backbone's unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed)."""
+    """One backbone's unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed).
+
+    One layer only (``_validate`` refuses several with ``--dask``): a job has one file.
+    """
     from .distributed import chunk_jobs, run_chunks
 
-    bar = _progress(len(job.plan.pending), job.spec.backbone, opts.quiet)
-    bar.update(len(job.plan.pending) - sum(len(m) for _, m in job.todo))
-    if not job.todo:
+    (output,) = job.outputs
+    todo = [(name, own) for _, saves in job.todo for _, name, own in saves]
+    bar = _progress(job.n_pending, job.spec.backbone, opts.quiet)
+    bar.update(job.n_pending - sum(len(m) for _, m in todo))
+    if not todo:
         bar.close()
         return
-    tasks = chunk_jobs(job.todo, index=index, model=job.model, parts_dir=job.parts_dir, opts=opts)
+    tasks = chunk_jobs(todo, index=index, model=job.model, parts_dir=output.parts_dir, opts=opts)
     try:
         job.engines_used.update(run_chunks(opts.dask, tasks, bar=bar, extract_chunk=_extract_chunk,
                                            quiet=opts.quiet))
@@ -538,7 +610,8 @@ class _ChunkBuilder:
 
     Batches never cross chunk boundaries (a resumed run repeats them exactly). ``featurize`` maps
     a batch's stacked items to features: the FeatureModel for images, ``_stacked_features`` when
-    the items already are feature rows. An item is ``(array, sha1)`` or an ImageError.
+    the items already are feature rows. An item is ``(array, sha1)`` or an ImageError; with a
+    multi-layer model the array is a list (one row per layer) and ``featurize`` returns a list.
     """
 
     def __init__(self, member_paths, featurize, batch_size, bar):
@@ -567,22 +640,31 @@ class _ChunkBuilder:
 
     def _flush(self):
         if self.batch:
-            self.feats.append(self.featurize(np.stack(self.batch)))
+            if isinstance(self.batch[0], list):  # per-layer rows of a multi-layer model
+                out = self.featurize([np.stack(rows) for rows in zip(*self.batch)])
+            else:
+                out = self.featurize(np.stack(self.batch))
+            self.feats.append(out if isinstance(out, list) else [out])
             self.ok_paths += self.batch_paths
             self.sha1s += self.batch_sha1
         self.bar.update(self.n_added - self.n_counted)
         self.n_counted = self.n_added
         self.batch, self.batch_paths, self.batch_sha1 = [], [], []
 
-    def part(self):
-        dim = self.feats[0].shape[1] if self.feats else 0
-        return {
+    def parts(self, n_layers=1):
+        """One part per layer, each with all the chunk's images."""
+        by_layer = list(zip(*self.feats)) or [()] * n_layers
+        return [{
             "paths": np.array(self.ok_paths, dtype=str),
-            "features": np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32),
+            "features": np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
             "sha1": np.array(self.sha1s, dtype="U40"),
             "bad_paths": np.array(self.bad_paths, dtype=str),
             "bad_reasons": np.array(self.reasons, dtype=str),
-        }
+        } for feats in by_layer]
+
+    def part(self):
+        (part,) = self.parts()
+        return part
 
 
 def _extract_chunk(member_paths, stream, featurize, batch_size, bar):
@@ -762,7 +844,9 @@ def build_parser():
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}: the fastest measured)")
     p.add_argument("--image-size", type=int,
                    help=f"input size in pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default: the backbone's)")
-    p.add_argument("--layer", help="an inner layer instead of the default (see --list-layers)")
+    p.add_argument("--layer", action="append", metavar="NAME",
+                   help="an inner layer instead of the default (see --list-layers); repeat it to "
+                        "read several layers in one forward pass, one file each (<backbone>@<layer>.h5)")
     p.add_argument("--pooling", choices=POOLING_MODES, default="avg", help="global pooling of a spatial map")
     p.add_argument("--weights", help="weights file (default: $FEATUREPIPE_WEIGHTS, Keras cache, download)")
     p.add_argument("--preprocess", choices=sorted(PREPROCESS), help="preprocessing for file: models (a registry backbone accepts only its own)")

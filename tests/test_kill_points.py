@@ -48,11 +48,11 @@ def _change(root):
     make_image(root / "train" / "red" / "img_000.png", COLORS["green"], seed=7)   # edited in place
 
 
-def _killed_runs(runs, backbone):
+def _killed_runs(runs, backbone, options=RUN):
     """Run each ``{"kill_at", "data", "out"}`` as an extract process that kills itself (all at
     once: the processes mostly import); return which were killed."""
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_child.py"),
-                               json.dumps({**run, "backbones": [backbone], "options": RUN})],
+                               json.dumps({**run, "backbones": [backbone], "options": options})],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for run in runs]
@@ -97,4 +97,31 @@ def test_kill_9_at_many_moments_then_change_and_rerun_equals_a_clean_run(tmp_pat
         _change(Path(run["data"]))
         [result] = extract(run["data"], [backbone], out=run["out"], **RUN)
         _assert_same(result.path, clean.path)
+        assert not list(Path(run["out"]).glob(".*.parts"))
+
+
+# Two layers, 8 images in 4 chunks: 1-4 both parts folders' settings, 5-20 both files' parts, 21-28
+# the first file's rows, 29-30 its commit, 31-32 removing its parts (32: that file is complete, the
+# other has only its parts).
+LAYER_KILLS = (9, 32)
+
+
+def test_kill_9_with_several_layers_then_change_and_rerun_equals_a_clean_run(tmp_path, tiny_model_path):
+    backbone = f"file:{tiny_model_path}"
+    options = {**RUN, "layer": ["conv_b", "pool_a"]}
+    template = _initial(tmp_path / "template")
+    clean_data = shutil.copytree(template, tmp_path / "clean")
+    _change(clean_data)
+    clean = extract(clean_data, [backbone], out=tmp_path / "clean_out", **options)
+    runs = [{"kill_at": k, "data": str(shutil.copytree(template, tmp_path / f"data{k}")),
+             "out": str(tmp_path / f"out{k}")} for k in LAYER_KILLS]
+    assert _killed_runs(runs, backbone, options) == [True] * len(LAYER_KILLS)
+    assert (Path(runs[1]["out"]) / "tiny@conv_b.h5").exists()
+    assert not (Path(runs[1]["out"]) / "tiny@pool_a.h5").exists()
+    for run in runs:
+        _change(Path(run["data"]))
+        results = extract(run["data"], [backbone], out=run["out"], **options)
+        for result, ref in zip(results, clean):
+            assert result.path.name == ref.path.name
+            _assert_same(result.path, ref.path)
         assert not list(Path(run["out"]).glob(".*.parts"))
