@@ -75,32 +75,37 @@ class ExtractResult:
 
 @dataclass(frozen=True)
 class Options:
-    """Settings shared by every backbone of one run."""
+    """Settings shared by every backbone of one run (the values ``extract`` was given)."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE
-    image_size: int = None
-    layer: object = None          # a layer name, or several (one forward pass, one file per layer)
-    pooling: str = "avg"
-    weights: str = None
-    preprocess: str = None
-    resize: str = "stretch"
-    augment: str = "none"
-    test_size: float = 0.2
-    val_size: float = 0.0
-    seed: int = 0
-    overwrite: bool = False
-    engine: str = "auto"
-    quiet: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    workers: int = None
-    chunk_size: int = None
-    verify: int = EXTRACT_SAMPLE  # rows re-extracted on the TF engine and compared at the end; 0: none
-    dask: str = None              # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
-    decode: str = DEFAULT_DECODE  # scaled | exact (see featurepipe.reader.DECODE_MODES)
-    allow_outside: bool = False   # read CSV rows naming files outside the manifest's folder
+    batch_size: int
+    image_size: int
+    layer: object  # a layer name, or several (one forward pass, one file per layer)
+    pooling: str
+    weights: str
+    preprocess: str
+    resize: str
+    augment: str
+    test_size: float
+    val_size: float
+    seed: int
+    overwrite: bool
+    engine: str
+    quiet: bool
+    max_pixels: int
+    workers: int
+    chunk_size: int
+    verify: int  # rows re-extracted on the TF engine and compared at the end; 0: none
+    dask: str  # tcp://HOST:8786 | local | local:N: chunks run as Dask tasks
+    decode: str  # scaled | exact (see featurepipe.reader.DECODE_MODES)
+    allow_outside: bool  # read CSV rows naming files outside the manifest's folder
 
 
-def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
+def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
+            batch_size=DEFAULT_BATCH_SIZE, image_size=None, layer=None, pooling="avg",
+            weights=None, preprocess=None, resize="stretch", augment="none", test_size=0.2,
+            val_size=0.0, seed=0, overwrite=False, engine="auto", quiet=False,
+            max_pixels=DEFAULT_MAX_PIXELS, workers=None, chunk_size=None, verify=EXTRACT_SAMPLE,
+            dask=None, decode=DEFAULT_DECODE, allow_outside=False):
     """Extract features of every image under ``data`` with each backbone.
 
     Parameters
@@ -111,16 +116,20 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None, **options):
         Registry names or ``file:PATH``.
     out : str or Path, optional
         Output folder; default ``data/features/<name of data>``.
-    **options
-        See ``Options``: batch_size, image_size, layer, pooling, weights, preprocess, resize,
-        augment, test_size, val_size, seed, overwrite, engine, quiet, max_pixels, workers,
-        chunk_size, verify, dask (see ``featurepipe.distributed``), decode, allow_outside.
+    batch_size, image_size, layer, pooling, weights, preprocess, resize, augment, test_size,
+    val_size, seed, overwrite, engine, quiet, max_pixels, workers, chunk_size, verify, dask,
+    decode, allow_outside
+        As the CLI options of the same names (``python -m featurepipe.extract --help``); ``layer``
+        may be a list (one forward pass, one file per layer), ``verify`` the number of rows
+        re-extracted at the end (0: none), ``dask`` an address (see ``featurepipe.distributed``).
+        Every value the CLI refuses is refused here too (``UsageError``).
 
     Returns
     -------
     list of ExtractResult, one per feature file (per backbone, and per layer of ``layer=[...]``)
     """
-    opts = Options(**options)
+    given = locals()
+    opts = Options(**{name: given[name] for name in Options.__dataclass_fields__})
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
     out_dir = Path(out) if out is not None else default_out_dir(data)

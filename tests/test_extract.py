@@ -370,3 +370,14 @@ def test_an_output_folder_inside_the_data_is_refused_and_never_listed(tmp_path, 
     make_image(out / "stray" / "x.png", COLORS["red"])
     index = list_images(data, exclude=[out])
     assert sorted(set(index.class_names)) == ["blue", "green", "red"] and len(index.paths) == 9
+
+
+def test_extract_has_an_explicit_keyword_only_signature_matching_options():
+    import inspect
+
+    params = inspect.signature(extract_module.extract).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    keyword_only = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(extract_module.Options.__dataclass_fields__) | {"out"} == keyword_only
+    with pytest.raises(TypeError):
+        extract_module.extract("x", ["squeezenet"], batchsize=3)
