@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .classifiers import CLASSIFIERS
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
@@ -627,10 +627,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        result = audit(args.features, threshold=args.threshold, seeds=args.seeds, seed=args.seed,
-                       n_jobs=args.n_jobs, quiet=args.quiet)
+    result = audit(args.features, threshold=args.threshold, seeds=args.seeds, seed=args.seed,
+                   n_jobs=args.n_jobs, quiet=args.quiet)
     if result.n_leaks:
         print(f"warning: {result.n_leaks} test images have a near-duplicate in train/val; results.csv's "
               "test_accuracy_no_leaks scores each model without them", file=sys.stderr)

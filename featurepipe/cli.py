@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import warnings
 
 from .errors import FeaturepipeError
 
@@ -22,9 +23,12 @@ def warn_line(message, category, filename, lineno, file=None, line=None):
 
 
 def run_main(func, argv=None):
-    """Call ``func(argv)``; turn a FeaturepipeError into one stderr line and exit code 2."""
+    """Call ``func(argv)`` with every warning printed as one ``warning: ...`` line; turn a
+    FeaturepipeError into one stderr line and exit code 2."""
     try:
-        return func(argv) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = warn_line
+            return func(argv) or 0
     except FeaturepipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

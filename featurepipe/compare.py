@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from .classifiers import CLASSIFIERS, get_classifier, parse_grid
 from .checks import check_at_least, check_seed
 from .errors import UsageError
@@ -234,11 +234,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else None
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
-                       max_seconds=args.max_seconds, dask=args.dask, force=args.force,
-                       concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
+    rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
+                   max_seconds=args.max_seconds, dask=args.dask, force=args.force,
+                   concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
     print(results_markdown(rows), end="")
     if rows:
         folder = models_dir_for(resolve_feature_files(args.features)[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from . import __version__
 from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, feature_file_stem, get_backbone,
                         list_layers, make_spec, split_layers, with_layers)
@@ -917,9 +917,7 @@ def main(argv=None):
                    workers=args.workers, dask=args.dask, decode=args.decode,
                    allow_outside=args.allow_outside,
                    verify=0 if args.no_verify else EXTRACT_SAMPLE)
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
+    extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
     return 0
 
 

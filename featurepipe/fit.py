@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from . import __version__
 from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
@@ -495,10 +495,8 @@ def main(argv=None):
         print_classifiers()
         return 0
     grid = parse_grid(args.grid) if args.grid else None
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        result = fit(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
-                     max_seconds=args.max_seconds, dask=args.dask)
+    result = fit(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
+                 max_seconds=args.max_seconds, dask=args.dask)
     if result.n_dropped:
         print(f"{result.n_dropped} images missing from some feature file were left out", file=sys.stderr)
     print(result.summary())

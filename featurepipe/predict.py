@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks
@@ -258,16 +258,14 @@ def main(argv=None):
         writer = csv.writer(out) if out else None
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
-        with warnings.catch_warnings():
-            warnings.showwarning = warn_line
-            for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
-                                         batch_size=args.batch_size, engine=args.engine):
-                n += 1
-                n_bad += bool(pred.error)
-                prob = "" if pred.error else f"{pred.probability:.4f}"
-                print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
-                if writer:
-                    writer.writerow([pred.path, pred.label, prob, pred.error])
+        for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
+                                     batch_size=args.batch_size, engine=args.engine):
+            n += 1
+            n_bad += bool(pred.error)
+            prob = "" if pred.error else f"{pred.probability:.4f}"
+            print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
+            if writer:
+                writer.writerow([pred.path, pred.label, prob, pred.error])
     finally:
         if out:
             out.close()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .cli import OneLineParser, warn_line
+from .cli import OneLineParser
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
@@ -585,9 +585,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        result = report(args.features, out=args.out)
+    result = report(args.features, out=args.out)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report: {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.n_thumbnails} thumbnails)")

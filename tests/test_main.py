@@ -47,3 +47,17 @@ def test_python_dash_m_featurepipe_runs_a_stage(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "not found" in proc.stderr
+
+
+def test_every_stage_prints_warnings_as_one_line(capsys):
+    import warnings
+
+    from featurepipe.cli import run_main
+
+    def stage(argv):
+        warnings.warn("something to know\nacross lines? no: one line per warning")
+        return 0
+
+    assert run_main(stage, []) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: something to know") and "UserWarning" not in err

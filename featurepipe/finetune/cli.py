@@ -1,9 +1,7 @@
 """``python -m featurepipe.finetune`` / ``featurepipe finetune``."""
 
-import warnings
-
 from ..backbones import PREPROCESS
-from ..cli import OneLineParser, warn_line
+from ..cli import OneLineParser
 from .train import finetune
 
 
@@ -38,12 +36,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = warn_line
-        finetune(args.data, args.backbone, features=args.features, unfreeze=args.unfreeze,
-                 epochs=args.epochs, head_epochs=args.head_epochs, lr=args.lr, head_lr=args.head_lr,
-                 batch_size=args.batch_size, dropout=args.dropout, patience=args.patience,
-                 val_size=args.val_size, augment=not args.no_augment, seed=args.seed,
-                 weights=args.weights, models_dir=args.models, extract_missing=args.extract,
-                 preprocess=args.preprocess, restart=args.restart, quiet=args.quiet)
+    finetune(args.data, args.backbone, features=args.features, unfreeze=args.unfreeze,
+             epochs=args.epochs, head_epochs=args.head_epochs, lr=args.lr, head_lr=args.head_lr,
+             batch_size=args.batch_size, dropout=args.dropout, patience=args.patience,
+             val_size=args.val_size, augment=not args.no_augment, seed=args.seed,
+             weights=args.weights, models_dir=args.models, extract_missing=args.extract,
+             preprocess=args.preprocess, restart=args.restart, quiet=args.quiet)
     return 0
