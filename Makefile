@@ -53,8 +53,14 @@ audit: $(STAMP)
 run: features compare audit
 	@if [ -f $(REPORT) ]; then echo "report: $(abspath $(REPORT))"; else echo "no report written (see the warnings above)"; fi
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench.py $(if $(wildcard $(DATA)),--data $(DATA),)
+# 12 MP photos made from DATA (upscaled, a little noise, JPEG quality 90) for the large-photo rows
+PHOTOS ?= data/bench-photos-12mp
+bench: $(STAMP) $(PHOTOS)
+	$(PY) benchmarks/bench.py $(if $(wildcard $(DATA)),--data $(DATA),) --three --photos $(PHOTOS)
+
+$(PHOTOS): | $(STAMP)
+	$(PY) benchmarks/decode_scale.py --make $(PHOTOS).tmp --n 200 $(if $(wildcard $(DATA)),--data $(DATA),)
+	mv $(PHOTOS).tmp $(PHOTOS)
 
 clean:
 	rm -rf $(VENV) data/features models/*

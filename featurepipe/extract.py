@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,14 +55,16 @@ class ExtractResult:
     duplicate_leaks: int
     newly_skipped: tuple = ()
     n_resumed: int = 0  # rows of n_extracted computed by an earlier, interrupted run (its parts)
+    files_in_pass: int = 1  # feature files made by the same pass over the images (same seconds)
 
     def summary(self, max_listed=10):
         computed = self.n_extracted - self.n_resumed
         rate = computed / self.seconds if self.seconds > 0 else 0.0
         resumed = f", {self.n_resumed} from an interrupted run" if self.n_resumed else ""
+        shared = f" for the {self.files_in_pass} files of one pass" if self.files_in_pass > 1 else ""
         line = (f"{self.path.name}: {self.n_rows} images ({computed} extracted{resumed}, "
                 f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
-                f"{rate:.1f} img/s -> {self.path}")
+                f"{rate:.1f} img/s{shared} -> {self.path}")
         for rel, reason in self.newly_skipped[:max_listed]:
             line += f"\n  skipped {rel}: {reason}"
         if len(self.newly_skipped) > max_listed:
@@ -250,7 +252,8 @@ def _extract_all(index, names, out_dir, opts):
         else:
             _run_local(index, jobs, opts)
         outputs = [(job, output) for job in jobs for output in job.outputs]
-        results = [_finish(index, job, output, opts, started) for job, output in outputs]
+        results = [replace(_finish(index, job, output, opts, started), files_in_pass=len(outputs))
+                   for job, output in outputs]
     for result, (_, output) in zip(results, outputs):
         if not opts.quiet:
             print(result.summary(), file=sys.stderr)

@@ -61,6 +61,13 @@ def test_two_layers_in_one_pass_equal_two_single_layer_runs(tiny_data, tiny_mode
     assert not list((tmp_path / "both").glob(".*.parts"))
 
 
+def test_the_summary_of_a_several_file_pass_says_its_time_is_shared(tiny_data, tiny_model_path, tmp_path):
+    both = _run(tiny_data, tiny_model_path, tmp_path / "both", LAYERS)
+    assert all(r.files_in_pass == 2 and "for the 2 files of one pass" in r.summary() for r in both)
+    (single,) = _run(tiny_data, tiny_model_path, tmp_path / "one", LAYERS[0])
+    assert single.files_in_pass == 1 and "of one pass" not in single.summary()
+
+
 def test_a_complete_layer_file_is_not_extracted_again(tiny_data, tiny_model_path, tmp_path,
                                                        forward_images, saved_parts):
     out = tmp_path / "out"
