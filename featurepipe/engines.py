@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -156,6 +157,18 @@ class ModelSource:
 # --------------------------------------------------------------------------- tf
 
 
+class _OneTracePerModel(logging.Filter):
+    """Drops TF's "triggered tf.function retracing" warning: each TFEngine compiles its own model's
+    call once (fixed input signature), so several backbones in one run are several functions
+    traced once each, not one function traced again and again."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+_ONE_TRACE_PER_MODEL = _OneTracePerModel()
+
+
 class TFEngine:
     """TensorFlow: the Keras model's call compiled once with ``tf.function``."""
 
@@ -165,6 +178,7 @@ class TFEngine:
         import_tensorflow()
         import tensorflow as tf
 
+        logging.getLogger("tensorflow").addFilter(_ONE_TRACE_PER_MODEL)  # once: filters are a set
         model = ModelSource.wrap(model).get()
         self.model = model
         shape, self.dtype = model.inputs[0].shape[1:], np.dtype(model.inputs[0].dtype)

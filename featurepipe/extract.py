@@ -906,7 +906,9 @@ def main(argv=None):
         print_backbones()
         return 0
     if args.list_layers:
-        backbone = get_backbone(args.list_layers, preprocess_mode=args.preprocess or "none")
+        # a file: model needs some mode to be built; a registry entry has its own
+        file_model = args.list_layers.startswith("file:")
+        backbone = get_backbone(args.list_layers, preprocess_mode=args.preprocess or ("none" if file_model else None))
         for name, shape in list_layers(backbone, weights=args.weights or "none", image_size=args.image_size):
             print(f"{name:40} {shape}")
         return 0

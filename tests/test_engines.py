@@ -351,3 +351,23 @@ def test_engine_used_is_public_and_the_requested_engine_read_only(tiny_model_pat
     assert model.engine_used == "tf"
     with pytest.raises(AttributeError):
         model.engine_name = "litert"
+
+
+def test_several_tf_engines_in_one_process_log_no_retracing_warning(tiny_model_path):
+    import logging
+
+    import keras
+
+    heard = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    try:
+        batch = np.zeros((2, 32, 32, 3), np.float32)
+        for _ in range(7):  # as verify does after a run of many backbones: one engine each
+            out = make_engine("tf", keras.models.load_model(tiny_model_path), None).run(batch)
+            assert out.shape[0] == 2
+    finally:
+        tf_logger.removeHandler(handler)
+    assert not [m for m in heard if "retracing" in m]

@@ -283,6 +283,12 @@ def test_list_layers(tiny_model_path, capsys):
     assert "conv_a" in out and "(None, 30, 30, 8)" in out
 
 
+def test_list_layers_of_a_registry_backbone(capsys):
+    assert main(["--list-layers", "squeezenet"]) == 0  # built without weights
+    out = capsys.readouterr().out
+    assert "fire9 " in out and "(None, 13, 13, 512)" in out
+
+
 def test_fifo_named_like_an_image_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_path):
     os.mkfifo(tiny_data / "red" / "pipe.jpg")
     f = load(_run(tiny_data, tiny_model_path, tmp_path / "out").path)
