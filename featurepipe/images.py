@@ -61,8 +61,9 @@ class ImageIndex:
         return len(self.paths)
 
     def absolute(self, rel_path):
-        """The absolute path of a stored relative path."""
-        return str(self.root / rel_path)
+        """The absolute path of a stored relative path (stored paths are already normalised; joining
+        strings is ~10x cheaper than pathlib, and it runs twice per image)."""
+        return os.path.join(self.root, rel_path)
 
 
 def is_image_file(name):
