@@ -1,16 +1,17 @@
-# featurepipe — `make run` (features + comparison table on the default dataset), `make test`.
+# featurepipe — `make run` (the whole job on the default dataset, or `make run DATA=DIR`), `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SHARED := $(abspath ../shared)
 DATA ?= $(if $(wildcard $(SHARED)/datasets/flowers5),$(SHARED)/datasets/flowers5,data/flower_photos)
-BACKBONES ?= squeezenet mobilenet_v2 efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
+# empty: the default backbones (featurepipe.extract.DEFAULT_BACKBONES); e.g. BACKBONES="mobilenet efficientnet_lite2"
+BACKBONES ?=
 export FEATUREPIPE_WEIGHTS ?= $(if $(wildcard $(SHARED)/weights),$(SHARED)/weights,)
+BACKBONE_ARGS = $(foreach b,$(BACKBONES),--backbone $(b))
+DOWNLOAD = $(if $(findstring flower_photos,$(DATA)),data/flower_photos)
 
-.PHONY: install test browser features compare audit run bench clean
-MODELS := $(or $(FEATUREPIPE_MODELS),models)
-REPORT = $(MODELS)/$(notdir $(DATA))/report.html
+.PHONY: install test browser features compare audit run run-all bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,19 +40,24 @@ browser:
 data/flower_photos:
 	$(PY) -m featurepipe.datasets flower_photos --out data
 
-features: $(STAMP) $(if $(findstring flower_photos,$(DATA)),data/flower_photos)
-	$(PY) -m featurepipe.extract --data $(DATA) $(foreach b,$(BACKBONES),--backbone $(b))
+# extract -> compare -> audit -> report in one command (resumable: run it again to continue)
+run: $(STAMP) $(DOWNLOAD)
+	$(PY) -m featurepipe run --data $(DATA) $(BACKBONE_ARGS)
+
+# the exhaustive sweep: every offline backbone, every classifier with its full grid
+run-all: $(STAMP) $(DOWNLOAD)
+	$(PY) -m featurepipe run --data $(DATA) --all $(BACKBONE_ARGS)
+
+# the same stages one at a time
+features: $(STAMP) $(DOWNLOAD)
+	$(PY) -m featurepipe extract --data $(DATA) $(BACKBONE_ARGS)
 
 compare: $(STAMP)
-	$(PY) -m featurepipe.compare
+	$(PY) -m featurepipe compare
 
-# the audit (near-duplicates, leaks, label suspects, learning curve), then the report with it
 audit: $(STAMP)
-	$(PY) -m featurepipe.audit
-	$(PY) -m featurepipe.report
-
-run: features compare audit
-	@if [ -f $(REPORT) ]; then echo "report: $(abspath $(REPORT))"; else echo "no report written (see the warnings above)"; fi
+	$(PY) -m featurepipe audit
+	$(PY) -m featurepipe report
 
 # 12 MP photos made from DATA (upscaled, a little noise, JPEG quality 90) for the large-photo rows
 PHOTOS ?= data/bench-photos-12mp

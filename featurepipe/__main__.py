@@ -11,6 +11,7 @@ from .cli import run_main
 
 # stage name -> (module, one line for --help); a new stage is one entry here.
 STAGES = {
+    "run": ("featurepipe.run", "the whole job on an image folder: extract, compare, audit, report"),
     "extract": ("featurepipe.extract", "image folder -> one HDF5 feature file per backbone"),
     "fit": ("featurepipe.fit", "grid-search one classifier on feature files"),
     "compare": ("featurepipe.compare", "every classifier x feature set -> results table"),

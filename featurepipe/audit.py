@@ -34,7 +34,7 @@ from .cli import OneLineParser
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
-from .results import read_results, update_results
+from .results import ranked, read_results, update_results
 from .store import write_json_atomic
 
 # Cosine of the whitened features (three default backbones): 28 of 30 planted copies of flowers5
@@ -126,6 +126,7 @@ class AuditResult:
     doubling_gain: float
     rows_rescored: int = 0
     feature_set: object = field(default=None, repr=False)
+    reused: bool = False  # read back from an earlier audit of the same inputs (feature_set is None)
 
     @property
     def n_leaks(self):
@@ -495,7 +496,7 @@ def _logreg_C(rows, name):
 
 
 def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed=0, n_jobs=-1,
-          exact_max_rows=EXACT_MAX_ROWS, quiet=True):
+          exact_max_rows=EXACT_MAX_ROWS, quiet=True, reuse=False):
     """Audit the data behind one or more feature files; write ``models/<dataset>/audit/``.
 
     Parameters
@@ -514,6 +515,9 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
         Past this many images the duplicate search uses faiss.
     quiet : bool
         No progress lines on stderr.
+    reuse : bool
+        Return the audit already written when it was made from the same feature files, results
+        rows and settings (``summary.json``'s ``key``) instead of computing it again.
 
     Returns
     -------
@@ -530,6 +534,11 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
         raise DataError(f"the train rows of {fs.name} hold fewer than two classes; nothing to audit")
     folder = models_dir_for(files[0], claim=True)
     out = folder / "audit"
+    key = _audit_key(files, read_results(folder), threshold=threshold, seeds=seeds, seed=seed,
+                     exact_max_rows=exact_max_rows)
+    saved = saved_audit(out, key) if reuse else None
+    if saved is not None:
+        return saved
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     say = (lambda msg: None) if quiet else (
@@ -562,9 +571,53 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     result = AuditResult(folder=out, features=fs.name, threshold=threshold, duplicates=pairs, n_groups=n_groups,
                          leaked_test=leaked, suspects=suspects, n_flagged=n_flagged, curve_features=curve_fs.name, curve=curve,
                          doubling_gain=gain, rows_rescored=rescored, feature_set=fs)
-    _write_summary(result, fs)
+    _write_summary(result, fs, key)
     say("done")
     return result
+
+
+def _audit_key(files, rows, **settings):
+    """A digest of what an audit depends on: the files (by size and mtime), the rows' inputs, settings."""
+    import hashlib
+    import json
+
+    from . import __version__
+
+    parts = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+    rows = sorted((r.get("features", ""), r.get("clf", ""), r.get("key", "")) for r in rows)
+    blob = json.dumps({"files": parts, "rows": rows, "settings": settings, "version": __version__},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def saved_audit(folder, key):
+    """The AuditResult written in ``folder`` with this ``key`` (read back from its files), or None."""
+    import json
+
+    try:
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+        if summary.get("key") != key:
+            return None
+        pairs = [DuplicatePair(r["path_a"], r["path_b"], r["split_a"], r["split_b"], float(r["cosine"]))
+                 for r in _read_csv(Path(folder) / "duplicates.csv")]
+        suspects = [Suspect(r["path"], r["split"], r["given"], r["suggested"], float(r["score"]))
+                    for r in _read_csv(Path(folder) / "suspects.csv")]
+        curve = [CurvePoint(int(r["n_per_class"]), float(r["accuracy_mean"]), float(r["accuracy_std"]),
+                            int(r["n_seeds"])) for r in _read_csv(Path(folder) / "learning_curve.csv")]
+    except (OSError, ValueError, KeyError):
+        return None
+    gain = summary.get("doubling_gain")
+    return AuditResult(folder=Path(folder), features=summary["features"], threshold=summary["threshold"],
+                       duplicates=pairs, n_groups=summary["duplicate_groups"], leaked_test=leaked_test_paths(pairs),
+                       suspects=suspects, n_flagged=summary["suspects_flagged"],
+                       curve_features=summary["curve_features"], curve=curve,
+                       doubling_gain=math.nan if gain is None else gain,
+                       rows_rescored=summary["rows_rescored"], reused=True)
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _require(module):
@@ -575,9 +628,10 @@ def _require(module):
 
 
 def _best_feature_set(rows, files, joined):
-    """The feature set of the best results row that the given files can rebuild (else all joined)."""
+    """The feature set of the best results row by CV (``ranked``) that the given files can
+    rebuild (else all joined)."""
     stems = {Path(f).stem: Path(f) for f in files}
-    for r in rows:  # best test accuracy first
+    for r in ranked(rows):
         names = str(r.get("features", "")).split("+")
         if str(r.get("model", "")).endswith(".joblib") and all(n in stems for n in names):
             return joined if "+".join(names) == joined.name else load_feature_set([stems[n] for n in names])
@@ -593,10 +647,10 @@ def _write_csv(path, columns, rows):
     os.replace(tmp, path)
 
 
-def _write_summary(result, fs):
+def _write_summary(result, fs, key):
     last = result.curve[-1] if result.curve else None
     write_json_atomic(result.folder / "summary.json", {
-        "features": result.features, "n_images": int(len(fs.paths)), "threshold": result.threshold,
+        "key": key, "features": result.features, "n_images": int(len(fs.paths)), "threshold": result.threshold,
         "duplicate_pairs": len(result.duplicates), "duplicate_groups": result.n_groups,
         "cross_split_pairs": sum(p.split_a != p.split_b for p in result.duplicates),
         "leaked_test_images": result.n_leaks, "n_test": int(np.sum(fs.split == "test")),

@@ -2,9 +2,9 @@
 
 ``compare(...)`` fits each (feature set, classifier) pair with ``featurepipe.fit.fit`` — reusing
 rows already computed from the same inputs, classifier, grid and folds unless ``force`` — and
-writes ``models/<dataset>/results.csv``, ``results.md`` (sorted by test accuracy),
-``results.png`` (test accuracy bars, CV mean ± std error bars) and ``confusion.png`` (the best
-row). Fine-tuned models saved by ``featurepipe.finetune`` (``<backbone>__finetune.json``) join
+writes ``models/<dataset>/results.csv``, ``results.md`` (ranked by CV on the training rows:
+``featurepipe.results.ranked``), ``results.png`` (CV mean ± std bars in that order, test accuracy
+as dots) and ``confusion.png`` (the best row by CV). Fine-tuned models saved by ``featurepipe.finetune`` (``<backbone>__finetune.json``) join
 the table as rows of their own.
 """
 
@@ -16,12 +16,12 @@ import warnings
 from pathlib import Path
 
 from .cli import OneLineParser
-from .classifiers import CLASSIFIERS, get_classifier, parse_grid
+from .classifiers import CLASSIFIERS, DEFAULT_CLASSIFIERS, get_classifier, parse_grid
 from .checks import check_at_least, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
-from .paths import dataset_name, models_dir_for
-from .results import finetune_rows, results_markdown, update_results
+from .paths import models_dir_for
+from .results import best_row, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -33,8 +33,9 @@ def feature_sets(files, *, concat=True):
     return sets
 
 
-def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
-            dask=None, force=False, concat=True, quiet=True, plots=True, finetune=(), report=True):
+def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_jobs=-1, seed=0,
+            max_seconds=None, dask=None, force=False, concat=True, quiet=True, plots=True, finetune=(),
+            report=True):
     """Fit every classifier on every feature set; write the results table and plots.
 
     Parameters
@@ -42,8 +43,11 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     feature_files : list of str or Path, optional
         Default: the files of the latest extract run.
     clfs : list of (str or estimator), optional
-        Registry names, ``package.module:ClassName`` strings or estimator instances; default all
-        of ``CLASSIFIERS``.
+        Registry names, ``package.module:ClassName`` strings or estimator instances; default
+        ``DEFAULT_CLASSIFIERS`` (every entry of ``CLASSIFIERS`` with ``full``).
+    full : bool
+        The exhaustive sweep: every registry classifier (unless ``clfs`` is given), each with its
+        wider grid (``ClassifierSpec.full_grid``).
     cv, grid, n_jobs, seed, max_seconds, dask
         As for ``featurepipe.fit.fit`` (``grid`` applies to every classifier).
     force : bool
@@ -61,12 +65,13 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
     Returns
     -------
     list of dict
-        The rows of this run and the fine-tuned rows, best test accuracy first.
+        The rows of this run and the fine-tuned rows, ranked (best CV first; test accuracy
+        never decides).
     """
     check_seed(seed)
     check_at_least(cv, 2, "--cv")
     files = resolve_feature_files(feature_files)
-    clfs = list(clfs) if clfs else list(CLASSIFIERS)
+    clfs = list(clfs) if clfs else list(CLASSIFIERS if full else DEFAULT_CLASSIFIERS)
     for clf in clfs:
         get_classifier(clf)  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
@@ -76,7 +81,7 @@ def compare(feature_files=None, clfs=None, *, cv=5, grid=None, n_jobs=-1, seed=0
         for fs in sets:
             for clf in clfs:
                 bar.set_postfix_str(f"{fs.name} / {clf if isinstance(clf, str) else type(clf).__name__}")
-                result = fit(clf=clf, cv=cv, grid=grid, n_jobs=n_jobs, seed=seed,
+                result = fit(clf=clf, cv=cv, grid=grid, full_grid=full, n_jobs=n_jobs, seed=seed,
                              max_seconds=max_seconds, dask=dask, reuse=not force, feature_set=fs)
                 rows.append(result.row())
                 bar.update(1)
@@ -134,31 +139,27 @@ def _finetune_missing(backbones, files, folder, *, seed, quiet):
                      seed=seed, quiet=quiet)
 
 
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def plot_results(rows, path, *, title=""):
-    """Horizontal bars of test accuracy per row, with CV mean ± std as error bars; a PNG."""
+    """Horizontal bars of CV mean ± std per row in ranking order (best on top), the test accuracy
+    as a dot beside each; a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if not math.isnan(_float(r.get("test_accuracy")))][::-1]
+    rows = [r for r in ranked(rows) if not math.isnan(number(r.get("cv_mean")))
+            or not math.isnan(number(r.get("test_accuracy")))][::-1]
     if not rows:
         return None
     labels = [f"{r['features']} / {r['clf']}" for r in rows]
-    acc = [_float(r["test_accuracy"]) for r in rows]
-    cv_mean = [_float(r.get("cv_mean")) for r in rows]
-    cv_std = [0.0 if math.isnan(_float(r.get("cv_std"))) else _float(r.get("cv_std")) for r in rows]
+    acc = [number(r.get("test_accuracy")) for r in rows]
+    cv_mean = [number(r.get("cv_mean")) for r in rows]
+    cv_std = [0.0 if math.isnan(number(r.get("cv_std"))) else number(r.get("cv_std")) for r in rows]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(rows)))
     y = range(len(rows))
-    ax.barh(y, acc, color="#4c72b0", label="test accuracy")
-    ax.errorbar(cv_mean, y, xerr=cv_std, fmt="o", color="#dd8452", ms=3, capsize=3, label="CV mean ± std")
+    ax.barh(y, [0.0 if math.isnan(v) else v for v in cv_mean], xerr=cv_std, color="#4c72b0",
+            ecolor="#333333", capsize=3, label="CV mean ± std (ranks the rows)")
+    ax.plot(acc, list(y), "o", color="#dd8452", ms=4, label="test accuracy (not used to rank)")
     ax.set_yticks(list(y), labels, fontsize=8)
     low = min([a for a in acc + cv_mean if not math.isnan(a)])
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
@@ -172,8 +173,11 @@ def plot_results(rows, path, *, title=""):
 
 
 def plot_best_confusion(rows, folder, *, path=None):
-    """``confusion.png`` of the best row that has a saved confusion matrix; its path or None."""
-    for r in rows:
+    """``confusion.png`` of the best row by CV (``ranked``) that has a saved confusion matrix;
+    its path or None."""
+    for r in ranked(rows):
+        if not str(r.get("status", "")).startswith("ok") or math.isnan(number(r.get("cv_mean"))):
+            continue
         stem = model_stem(r["features"], r["clf"])
         try:
             saved = json.loads((Path(folder) / f"{stem}.json").read_text())
@@ -181,7 +185,8 @@ def plot_best_confusion(rows, folder, *, path=None):
             continue
         if saved.get("confusion") and saved.get("class_names"):
             return plot_confusion(saved["confusion"], saved["class_names"], path or Path(folder) / "confusion.png",
-                                  title=f"{r['features']} / {r['clf']}\ntest accuracy {_float(r['test_accuracy']):.4f}")
+                                  title=f"{r['features']} / {r['clf']} (best by CV {number(r['cv_mean']):.4f})\n"
+                                        f"test accuracy {number(r.get('test_accuracy')):.4f}")
     return None
 
 
@@ -220,7 +225,10 @@ def build_parser():
                                 description="Every classifier x every feature file (and their concatenation) "
                                             "-> models/<dataset>/results.csv, results.md, results.png, confusion.png.")
     p.add_argument("--clf", nargs="+", metavar="NAME",
-                   help=f"classifiers (default: all of {', '.join(CLASSIFIERS)}); package.module:ClassName too")
+                   help=f"classifiers (default: {', '.join(DEFAULT_CLASSIFIERS)}; with --all: "
+                        f"{', '.join(CLASSIFIERS)}); package.module:ClassName too")
+    p.add_argument("--all", action="store_true",
+                   help="the exhaustive sweep: every classifier, each with its wider grid")
     add_common_arguments(p)
     p.add_argument("--no-concat", action="store_true", help="skip the concatenation of all feature files")
     p.add_argument("--force", action="store_true", help="refit rows that could be reused")
@@ -234,10 +242,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else None
-    rows = compare(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
+    rows = compare(args.features, args.clf, full=args.all, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
                    max_seconds=args.max_seconds, dask=args.dask, force=args.force,
                    concat=not args.no_concat, quiet=args.quiet, finetune=args.finetune)
     print(results_markdown(rows), end="")
+    best = best_row(rows)
+    if best is not None:
+        print(best_line(best))
     if rows:
         folder = models_dir_for(resolve_feature_files(args.features)[0])
         print(f"-> {folder / 'results.md'}, results.csv, results.png, confusion.png")
@@ -246,8 +257,11 @@ def main(argv=None):
     return 0
 
 
-def load_dataset_name(feature_files):
-    return dataset_name(resolve_feature_files(feature_files)[0])
+def best_line(row):
+    """One line naming the best row by CV, with its test accuracy for the record."""
+    return (f"best by CV: {row['features']} / {row['clf']} (CV {number(row['cv_mean']):.4f} ± "
+            f"{number(row['cv_std']):.4f} on the training rows; test accuracy "
+            f"{number(row.get('test_accuracy')):.4f}, measured once, not used to choose)")
 
 
 

@@ -30,7 +30,7 @@ from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import assign_split, list_images
-from .paths import default_out_dir, is_inside, latest_pointer
+from .paths import check_outside_input, default_out_dir, latest_pointer
 from .reader import (DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, FILE_DECODE_DEFAULT, RESIZE_MODES,
                      TIMEOUT_REASON, Target, check_decode, file_sha1, file_stat, read_images)
 from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
@@ -134,9 +134,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     opts = Options(**{name: given[name] for name in Options.__dataclass_fields__})
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
-    out_dir = Path(out) if out is not None else default_out_dir(data)
-    _check_outside_input(data, out_dir, explicit=out is not None)
-    index = list_images(data, exclude=[out_dir], allow_outside=opts.allow_outside)
+    out_dir, index = _outputs_and_images(data, out, opts.allow_outside)
     _check_same_dataset(out_dir, index.root)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,13 +149,19 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     return results
 
 
-def _check_outside_input(data, out_dir, *, explicit):
-    """Outputs are never written inside an image folder: the next run would list them as a class."""
-    data = Path(data)
-    if data.is_dir() and is_inside(out_dir, data):
-        where = "--out" if explicit else f"the default output folder (FEATUREPIPE_DATA/features = {out_dir.parent})"
-        raise UsageError(f"{where} '{out_dir}' is inside the image folder '{data}'; pass --out DIR "
-                         "outside it")
+def _outputs_and_images(data, out, allow_outside):
+    """(output folder, ImageIndex). Outputs are never written inside the folder holding the
+    images (the next run would list them as a class); a folder is checked before it is walked."""
+    what = "--out" if out is not None else "the default output folder"
+    out_dir = Path(out) if out is not None else None
+    if Path(data).is_dir():
+        out_dir = out_dir or default_out_dir(data)
+        check_outside_input(data, out_dir, what)
+    index = list_images(data, exclude=[out_dir] if out_dir else [], allow_outside=allow_outside)
+    folder = index.images_folder()
+    out_dir = out_dir or default_out_dir(data, images_folder=folder)
+    check_outside_input(folder, out_dir, what)
+    return out_dir, index
 
 
 def _check_same_dataset(out_dir, root):
@@ -352,10 +356,33 @@ def _layer_chunks(index, plans, pending, opts):
 
 def _finish(index, job, output, opts, started):
     extracted, new_skipped = _collect(index, output.parts_dir, output.chunks)
-    result = _assemble(index, output.plan, output.old, extracted, new_skipped, output.path, output.spec,
-                       job.model, opts, started, output.n_resumed, job.engines_used)
+    if not extracted and not new_skipped and _unchanged(index, output.plan, output.old):
+        result = _untouched(output.path, output.old, started)  # its mtime stays: later stages reuse their work
+    else:
+        result = _assemble(index, output.plan, output.old, extracted, new_skipped, output.path, output.spec,
+                           job.model, opts, started, output.n_resumed, job.engines_used)
     shutil.rmtree(output.parts_dir, ignore_errors=True)
     return result
+
+
+def _unchanged(index, plan, old):
+    """True when the file would be written again with exactly the rows it holds."""
+    if old is None or plan.refreshed or str(old.attrs.get("data_root", "")) != str(index.root):
+        return False
+    if sorted(plan.keep.values()) != list(range(len(old.paths))):
+        return False
+    if any(old.split[row] != plan.split[pos] for pos, row in plan.keep.items()):
+        return False
+    return _skipped_rows(index, plan, {}) == sorted(
+        (path, reason, int(size), int(mtime)) for (path, reason), (size, mtime) in zip(old.skipped, old.skipped_stat))
+
+
+def _untouched(path, old, started):
+    n_skipped = len(old.skipped)
+    return ExtractResult(path=path, n_rows=len(old.paths), n_extracted=0, n_kept=len(old.paths),
+                         n_skipped=n_skipped, n_new_skipped=0, seconds=time.time() - started,
+                         duplicate_groups=int(old.attrs.get("duplicate_groups", 0)),
+                         duplicate_leaks=int(old.attrs.get("duplicate_leaks", 0)))
 
 
 def _remove_leftovers(path, parts_dir):

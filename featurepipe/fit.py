@@ -25,7 +25,7 @@ import numpy as np
 
 from .cli import OneLineParser
 from . import __version__
-from .classifiers import (CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
+from .classifiers import (CLASSIFIERS, DEFAULT_CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
 from .checks import check_at_least, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
@@ -200,8 +200,8 @@ class FitResult:
 # --------------------------------------------------------------------------- fitting
 
 
-def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, max_seconds=None,
-        dask=None, reuse=False, save=True, feature_set=None):
+def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jobs=-1, seed=0,
+        max_seconds=None, dask=None, reuse=False, save=True, feature_set=None):
     """Grid-search a classifier on the train (+ val) rows, score it once on the test rows, save it.
 
     Parameters
@@ -214,6 +214,8 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
         Stratified folds (lowered to the smallest class size when needed, at least 2).
     grid : dict of str to list, optional
         Replaces the classifier's default grid (``{"clf__C": [0.1, 1]}``).
+    full_grid : bool
+        Search the classifier's wider grid (``ClassifierSpec.full_grid``) when no ``grid`` is given.
     n_jobs : int, default -1
         Parallel fits in the grid search (-1: all cores).
     seed : int
@@ -243,7 +245,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, n_jobs=-1, seed=0, ma
     train, test = _split_rows(fs)
     folds = _folds(cv, fs.y[train])
     pipeline = spec.make(n_samples=len(train), n_features=fs.X.shape[1], seed=seed)
-    grid = dict(spec.grid if grid is None else grid)
+    grid = spec.grid_for(full_grid) if grid is None else dict(grid)
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
     key = row_key(files, spec.name, pipeline, grid, folds, seed)
@@ -480,13 +482,17 @@ def build_parser():
                                 description="Grid-search one classifier on feature files, score it on the test rows, save it.")
     p.add_argument("--clf", default="svm", help=f"one of {', '.join(CLASSIFIERS)}, or package.module:ClassName (default svm)")
     add_common_arguments(p)
+    p.add_argument("--full-grid", action="store_true",
+                   help="search the classifier's wider grid (the one compare --all uses)")
     p.add_argument("--list", action="store_true", help="list the classifiers and exit")
     return p
 
 
 def print_classifiers(file=sys.stdout):
-    for spec in CLASSIFIERS.values():
-        print(f"{spec.name:8} {spec.description}; grid {format_params({k: v for k, v in spec.grid.items()})}", file=file)
+    for name, spec in CLASSIFIERS.items():
+        default = "default" if name in DEFAULT_CLASSIFIERS else "--all"
+        print(f"{name:8} ({default}) {spec.description}; grid {format_params(spec.grid_for())}; "
+              f"--all/--full-grid {format_params(spec.grid_for(full=True))}", file=file)
 
 
 def main(argv=None):
@@ -495,8 +501,8 @@ def main(argv=None):
         print_classifiers()
         return 0
     grid = parse_grid(args.grid) if args.grid else None
-    result = fit(args.features, args.clf, cv=args.cv, grid=grid, n_jobs=args.n_jobs, seed=args.seed,
-                 max_seconds=args.max_seconds, dask=args.dask)
+    result = fit(args.features, args.clf, cv=args.cv, grid=grid, full_grid=args.full_grid,
+                 n_jobs=args.n_jobs, seed=args.seed, max_seconds=args.max_seconds, dask=args.dask)
     if result.n_dropped:
         print(f"{result.n_dropped} images missing from some feature file were left out", file=sys.stderr)
     print(result.summary())

@@ -65,6 +65,14 @@ class ImageIndex:
         strings is ~10x cheaper than pathlib, and it runs twice per image)."""
         return os.path.join(self.root, rel_path)
 
+    def images_folder(self):
+        """The deepest folder holding every listed image (the root for a folder layout; for a CSV
+        manifest, the common folder of the files it lists). No output may be written inside it."""
+        if not self.paths:
+            return Path(self.root)
+        folders = {os.path.dirname(self.absolute(p)) for p in self.paths}
+        return Path(os.path.commonpath(sorted(folders)))
+
 
 def is_image_file(name):
     """True for a visible file whose extension (any case) is an image extension."""
@@ -201,14 +209,20 @@ def list_images(data, *, exclude=(), allow_outside=False):
     -------
     ImageIndex
     """
+    data = check_data(data)
+    if data.is_file():
+        return _index_from_csv(data, allow_outside)
+    return _index_from_folders(data, list(exclude))
+
+
+def check_data(data):
+    """``data`` as a Path when it is a folder or a ``.csv`` file; UsageError naming the fix otherwise."""
     data = Path(data)
     if not data.exists():
         raise UsageError(f"data not found: '{data}'; pass --data a folder of class folders or a CSV")
-    if data.is_file():
-        if data.suffix.lower() != ".csv":
-            raise UsageError(f"--data '{data}' is a file but not a .csv manifest (path,label[,split])")
-        return _index_from_csv(data, allow_outside)
-    return _index_from_folders(data, list(exclude))
+    if data.is_file() and data.suffix.lower() != ".csv":
+        raise UsageError(f"--data '{data}' is a file but not a .csv manifest (path,label[,split])")
+    return data
 
 
 def _index_from_folders(root, exclude):

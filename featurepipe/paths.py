@@ -5,11 +5,16 @@ Environment variables come first, then defaults relative to the working director
 * ``data_home()``     ``$FEATUREPIPE_DATA`` or ``./data``: datasets and ``features/``
 * ``models_home()``   ``$FEATUREPIPE_MODELS`` or ``./models``: ``<dataset>/`` per feature folder
 * ``cache_dir()``     ``$FEATUREPIPE_CACHE`` or ``~/.cache/featurepipe``: converted models, engine choices
-* ``latest_pointer()`` ``data_home()/features/latest.json``: the feature files of the last extract run
+* ``default_out_dir(data)`` ``data_home()/features/<dataset>``, or ``./featurepipe-out/<dataset>``
+  when the first lies inside the image folder (``--data data`` with the images right in ``./data``)
+* ``latest_pointer()`` ``cache_dir()/latest/<digest of data_home()>.json``: the feature files of the
+  last extract run made with this data home. It lives in the cache, never beside the images, so no
+  run ever writes into an input tree.
 
 This module imports only ``errors`` from featurepipe, so every module may use it.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 from .errors import UsageError
 
 SOURCE_MARKER = ".featurepipe-source.json"  # in models/<dataset>/: the feature folder it belongs to
+FALLBACK_OUT = "featurepipe-out"  # in the working folder, when data_home()/features is inside the images
 
 
 def data_home():
@@ -40,15 +46,34 @@ def features_home():
 
 
 def latest_pointer():
-    """The file naming the feature files of the most recent extract run."""
-    return features_home() / "latest.json"
+    """The file naming the feature files of the most recent extract run with this data home."""
+    home = str(data_home().resolve())
+    return cache_dir() / "latest" / f"{hashlib.sha1(home.encode()).hexdigest()[:16]}.json"
 
 
-def default_out_dir(data):
-    """``data/features/<name of the data folder, or the CSV's stem>``."""
+def default_out_dir(data, *, images_folder=None):
+    """Where a data set's feature files go when no ``--out`` is given.
+
+    ``data_home()/features/<name of the data folder, or the CSV's stem>``; when that lies inside
+    ``images_folder`` (default: ``data`` when it is a folder), e.g. ``--data data`` with class
+    folders right in ``./data``, ``./featurepipe-out/<name>``. Raises UsageError when both lie
+    inside it (the working folder is inside the image folder).
+    """
     data = Path(data)
     name = data.stem if data.is_file() else data.resolve().name
-    return features_home() / name
+    tree = images_folder if images_folder is not None else (data if data.is_dir() else None)
+    for out in (features_home() / name, Path(FALLBACK_OUT) / name):
+        if tree is None or not is_inside(out, tree):
+            return out
+    raise UsageError(f"the working folder is inside the image folder '{tree}', so every default "
+                     "output folder would be too; pass --out DIR outside it (or run from another folder)")
+
+
+def check_outside_input(images_folder, folder, what):
+    """UsageError when ``folder`` (an output, named ``what``) lies inside ``images_folder``."""
+    if is_inside(folder, images_folder):
+        raise UsageError(f"{what} '{folder}' is inside the image folder '{images_folder}'; the next "
+                         "run would read it as a class. Pass a folder outside it")
 
 
 def dataset_name(feature_file):

@@ -22,7 +22,7 @@ import numpy as np
 from .cli import OneLineParser
 from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
-from .fit import MODEL_FORMAT, join_blocks
+from .fit import MODEL_FORMAT, join_blocks, resolve_feature_files
 from .images import expand_paths
 from .reader import FILE_DECODE_DEFAULT, Target, read_images, target_from_attrs
 
@@ -224,11 +224,26 @@ def _chunk_features(chunk, models, targets, batch_size, workers):
 # --------------------------------------------------------------------------- CLI
 
 
+def default_model():
+    """The saved model of the best results row by CV (``featurepipe.results.ranked``) of the
+    latest extract run's data set: what predict uses without ``--model``."""
+    from .paths import models_dir_for
+    from .results import number, ranked, read_results
+
+    folder = models_dir_for(resolve_feature_files(None)[0])
+    for row in ranked(read_results(folder)):
+        model = Path(row.get("model") or "")
+        if row.get("status", "").startswith("ok") and not np.isnan(number(row.get("cv_mean"))) and model.is_file():
+            return model
+    raise UsageError(f"no saved model in '{folder}'; run featurepipe compare first or pass --model")
+
+
 def build_parser():
     p = OneLineParser(prog="python -m featurepipe.predict",
                                 description="Classify image files with a model saved by featurepipe.fit.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", required=True, help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras)")
+    p.add_argument("--model", help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras); default: the "
+                                   "best row by CV of the latest run's results table")
     p.add_argument("--csv", metavar="OUT.csv", help="also write path,label,probability,error to this file")
     p.add_argument("--min-prob", type=float, help="answer 'unknown' when the top probability is below this")
     p.add_argument("--batch-size", type=int, default=32)
@@ -252,6 +267,10 @@ def main(argv=None):
     if missing:  # a typo on the command line, not a bad image among many
         raise UsageError(f"no such file or folder: '{missing[0]}'"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if args.model is None:
+        args.model = default_model()
+        print(f"model: {args.model} (the best row by CV of {Path(args.model).parent / 'results.csv'})",
+              file=sys.stderr)
     out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
     try:

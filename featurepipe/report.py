@@ -32,6 +32,7 @@ from .cli import OneLineParser
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
+from .results import SELECTION_RULE, ranked
 from .store import load, load_part, save_part
 
 AUDIT_COMMAND = "python -m featurepipe.audit"
@@ -124,9 +125,9 @@ def _has_columns(rows, path, columns):
 
 
 def results_rows(folder):
-    """results.csv's rows, best test accuracy first (an empty list when there is none)."""
-    rows = read_csv(Path(folder) / "results.csv") or []
-    return sorted(rows, key=lambda r: -np.nan_to_num(_number(r.get("test_accuracy")), nan=-1.0))
+    """results.csv's rows, ranked by ``featurepipe.results.ranked`` (best CV first; an empty
+    list when there is none)."""
+    return ranked(read_csv(Path(folder) / "results.csv") or [])
 
 
 class Thumbnails:
@@ -218,12 +219,13 @@ def results_section(rows):
 
 
 def best_model(rows, folder):
-    """(row, loaded model bundle) of the best row whose scikit-learn model is saved, or None."""
+    """(row, loaded model bundle) of the best row by CV (``ranked``) whose scikit-learn model is
+    saved, or None. The test accuracy plays no part in the choice."""
     from .predict import load_model
 
-    for r in rows:
+    for r in ranked(rows):
         model = Path(r.get("model") or "")
-        if not r.get("status", "").startswith("ok") or math.isnan(_number(r.get("test_accuracy"))):
+        if not r.get("status", "").startswith("ok") or math.isnan(_number(r.get("cv_mean"))):
             continue
         if model.suffix != ".joblib" or not model.is_file():
             model = Path(folder) / Path(str(model)).name
@@ -296,6 +298,7 @@ def best_section(row, bundle, thumbs, *, limits, folder):
         "name": f"{row['features']} / {row['clf']}",
         "accuracy": float(np.mean(true == pred)),
         "row_accuracy": _number(row.get("test_accuracy")),
+        "cv": f"{_number(row.get('cv_mean')):.4f} ± {_number(row.get('cv_std')):.4f}",
         "n_test": len(test),
         "per_class": [{"name": names[c], "precision": precision[c], "recall": recall[c], "f1": f1[c],
                        "support": int(support[c])} for c in labels],
@@ -422,19 +425,22 @@ def _pyplot():
 
 
 def accuracy_chart_svg(rows):
-    """Test accuracy bars with CV mean ± std (and the no-leak accuracy when present); SVG text."""
+    """CV mean ± std bars in ranking order (best on top), the test accuracy as a dot (and the
+    no-leak accuracy when present); SVG text."""
     plt = _pyplot()
-    rows = [r for r in rows if not math.isnan(_number(r.get("test_accuracy")))][::-1]
+    rows = [r for r in ranked(rows) if not (math.isnan(_number(r.get("cv_mean")))
+                                            and math.isnan(_number(r.get("test_accuracy"))))][::-1]
     if not rows:
         return None
     with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "accuracy"}):
         fig, ax = plt.subplots(figsize=(8, 1.1 + 0.26 * len(rows)))
         y = np.arange(len(rows))
-        acc = np.array([_number(r["test_accuracy"]) for r in rows])
+        acc = np.array([_number(r.get("test_accuracy")) for r in rows])
         cv_mean = np.array([_number(r.get("cv_mean")) for r in rows])
         cv_std = np.nan_to_num([_number(r.get("cv_std")) for r in rows])
-        ax.barh(y, acc, color="#4c72b0", label="test accuracy")
-        ax.errorbar(cv_mean, y, xerr=cv_std, fmt="o", color="#dd8452", ms=3, capsize=3, label="CV mean ± std")
+        ax.barh(y, np.nan_to_num(cv_mean), xerr=cv_std, color="#4c72b0", ecolor="#333333", capsize=3,
+                label="CV mean ± std (ranks the rows)")
+        ax.plot(acc, y, "o", color="#dd8452", ms=4, label="test accuracy (not used to rank)")
         no_leaks = np.array([_number(r.get("test_accuracy_no_leaks")) for r in rows])
         if not np.isnan(no_leaks).all():
             ax.plot(no_leaks, y, "|", color="#c44e52", ms=10, mew=2, label="test accuracy, no leaks")
@@ -529,6 +535,7 @@ def report(feature_files=None, *, out=None, limits=None, seed=0):
         "map": map_section(fs, predictions, thumbs, limits=limits, seed=seed, folder=folder),
         "limits": limits,
         "notes": notes,
+        "selection_rule": SELECTION_RULE,
     }
     page["thumbs"] = thumbs.encode()
     page["n_missing_thumbs"] = len(thumbs.ids) - len(page["thumbs"])

@@ -5,6 +5,10 @@ Concurrent writers are safe: the update holds an exclusive lock on ``results.csv
 reads the current table, merges its rows in and writes both files under temporary names renamed
 into place, so no writer's rows are lost and a reader never sees a half-written file.
 
+Rows are ranked by ``selection_key``, the one rule every "best" in featurepipe follows
+(``SELECTION_RULE``): the cross-validation score on the training rows decides; the test accuracy
+is measured once per row and shown, never used to choose.
+
 To add a column, append it to ``RESULT_COLUMNS`` (old tables read it as empty).
 """
 
@@ -21,6 +25,9 @@ RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
                   "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks")
 ROW_KEY = ("features", "clf")
+SELECTION_RULE = ("rows are ranked by their cross-validation accuracy on the training rows (ties: the "
+                  "lower CV std, then the faster fit); the test accuracy is measured once per row and "
+                  "never used to rank or choose")
 
 
 def read_results(folder):
@@ -55,7 +62,7 @@ def finetune_rows(folder):
 def update_results(folder, rows):
     """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
 
-    Returns the table's rows, best test accuracy first.
+    Returns the table's rows, ranked (``ranked``: best CV first).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,7 @@ def update_results(folder, rows):
             if not new["test_accuracy_no_leaks"] and old.get("key", "") == new["key"]:
                 new["test_accuracy_no_leaks"] = old.get("test_accuracy_no_leaks", "")  # same inputs, same value
             table[_key(new)] = new
-        ordered = sorted(table.values(), key=_accuracy_order)
+        ordered = ranked(table.values())
         _write_atomic(folder / "results.csv", lambda fh: _write_csv(fh, ordered))
         _write_atomic(folder / "results.md", lambda fh: fh.write(results_markdown(ordered)))
     return ordered
@@ -88,9 +95,30 @@ def _key(row):
     return tuple(str(row[k]) for k in ROW_KEY)
 
 
-def _accuracy_order(row):
-    value = number(row.get("test_accuracy"))
-    return -(value if not math.isnan(value) else -1.0)
+def selection_key(row):
+    """The sort key of a results row: higher CV mean first, then lower CV std, then faster fit.
+
+    Rows without a CV score (a timed-out fit, the fine-tuned row) come last. The test accuracy
+    is not part of the key.
+    """
+    def low_first(value):
+        value = number(value)
+        return math.inf if math.isnan(value) else value
+
+    return (low_first(-number(row.get("cv_mean"))), low_first(row.get("cv_std")),
+            low_first(row.get("fit_seconds")), str(row.get("features")), str(row.get("clf")))
+
+
+def ranked(rows):
+    """``rows`` (dicts with the results columns) sorted by ``selection_key``, best first."""
+    return sorted(rows, key=selection_key)
+
+
+def best_row(rows):
+    """The best row by ``selection_key`` among those that finished with a CV score, or None."""
+    usable = [r for r in rows if str(r.get("status", "")).startswith("ok")
+              and not math.isnan(number(r.get("cv_mean")))]
+    return ranked(usable)[0] if usable else None
 
 
 def _write_csv(fh, rows):
@@ -132,8 +160,8 @@ def _fmt(value, digits):
 
 
 def results_markdown(rows):
-    """A Markdown table of result rows (dicts), in the given order."""
-    lines = ["| features | clf | CV accuracy | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
+    """A Markdown table of result rows (dicts), in the given order (``ranked`` gives the rule's)."""
+    lines = ["| features | clf | CV accuracy (train) | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cv = (f"{number(r['cv_mean']):.4f} ± {number(r['cv_std']):.4f}"
@@ -146,6 +174,8 @@ def results_markdown(rows):
             str(r.get("best_params", "")).replace("|", "\\|"),
             str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)" if warned else ""),
         ]) + " |")
+    if rows:
+        lines.append(f"\nRanking: {SELECTION_RULE}.")
     leaky = [r for r in rows if not math.isnan(number(r.get("test_accuracy_no_leaks")))
              and number(r.get("test_accuracy_no_leaks")) != number(r.get("test_accuracy"))]
     if leaky:

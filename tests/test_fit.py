@@ -13,6 +13,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from featurepipe.classifiers import CLASSIFIERS, fit_grid, get_classifier, parse_grid
 from featurepipe.errors import DataError, UsageError
 from featurepipe.fit import RESULT_COLUMNS, fit, l2_normalize, load_feature_set, main
+from featurepipe.paths import latest_pointer
 
 from featurefiles import CLASSES, separable, two_files, write_features
 
@@ -36,9 +37,24 @@ def test_every_registry_pipeline_has_fixed_steps_and_a_valid_grid():
     for spec in CLASSIFIERS.values():
         pipe = spec.make(n_samples=100, n_features=20, seed=0)
         names = [n for n, _ in pipe.steps]
-        assert names[0] == "scale" and names[-1] == "clf" and set(names) <= {"scale", "pca", "clf"}
-        assert set(spec.grid) <= set(pipe.get_params()), spec.name
-        assert all(isinstance(v, list) and v for v in spec.grid.values())
+        assert names[0] == "scale" and names[-1] == "clf" and set(names) <= {"scale", "pca", "kernel", "clf"}
+        for grid in (spec.grid_for(), spec.grid_for(full=True)):
+            assert set(grid) <= set(pipe.get_params()), spec.name
+            assert all(isinstance(v, list) and v for v in grid.values())
+        assert all(set(v) <= set(spec.grid_for(full=True)[k]) for k, v in spec.grid.items()), spec.name
+
+
+def test_the_precomputed_rbf_kernel_gives_libsvms_rbf_model():
+    from sklearn.svm import SVC
+
+    X, y, _, _ = separable(n_per_class=30, dim=16)
+    X = l2_normalize(X)
+    pipe = CLASSIFIERS["svm-rbf"].make(n_samples=len(X), n_features=X.shape[1]).fit(X[::2], y[::2])
+    reference = SVC(kernel="rbf", C=pipe.named_steps["clf"].C, gamma="scale").fit(X[::2], y[::2])
+    assert np.array_equal(pipe.predict(X[1::2]), reference.predict(X[1::2]))
+    np.testing.assert_allclose(pipe.decision_function(X[1::2]), reference.decision_function(X[1::2]),
+                               atol=1e-4)
+    assert pipe.named_steps["kernel"].gamma_ == pytest.approx(1 / (X.shape[1] * X[::2].var()), rel=1e-5)
 
 
 def test_linear_svm_dual_follows_the_data_shape():
@@ -109,8 +125,8 @@ def test_fit_cli_saves_model_sidecar_and_results_row(tmp_path, synth, capsys):
 
 
 def test_fit_defaults_to_the_latest_extract_run(tmp_path, synth):
-    pointer = tmp_path / "home" / "data" / "features" / "latest.json"
-    pointer.parent.mkdir(parents=True)
+    pointer = latest_pointer()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.write_text(json.dumps({"data": "x", "files": [str(synth)]}))
     result = fit(clf="nb", cv=3, n_jobs=1)
     assert result.features == "alpha" and result.model.endswith("alpha__nb.joblib")

@@ -28,16 +28,30 @@ def test_is_inside():
     assert not paths.is_inside("a/bc", "a/b") and not paths.is_inside("a", "a/b")
 
 
-def test_default_output_inside_the_image_folder_is_refused(tmp_path, tiny_model_path, monkeypatch, capsys):
+def test_default_output_inside_the_image_folder_goes_to_featurepipe_out(tmp_path, tiny_model_path,
+                                                                      monkeypatch, capsys):
     make_dataset(tmp_path / "data", n_per_class=2)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FEATUREPIPE_DATA", "data")  # the default: ./data, which is the image folder
+    before = sorted(p for p in (tmp_path / "data").rglob("*"))
     code = run_main(main, ["--data", "data", "--backbone", f"file:{tiny_model_path}",
+                           "--preprocess", "scale", "--quiet", "--no-verify"])
+    assert code == 0
+    written = tmp_path / "featurepipe-out" / "data" / "tiny.h5"
+    assert load(written).class_names == ["blue", "green", "red"]
+    assert sorted(p for p in (tmp_path / "data").rglob("*")) == before  # nothing new inside the images
+
+
+def test_working_inside_the_image_folder_needs_out(tmp_path, tiny_model_path, monkeypatch, capsys):
+    make_dataset(tmp_path / "data", n_per_class=2)
+    monkeypatch.chdir(tmp_path / "data")
+    monkeypatch.setenv("FEATUREPIPE_DATA", str(tmp_path / "data"))
+    code = run_main(main, ["--data", ".", "--backbone", f"file:{tiny_model_path}",
                            "--preprocess", "scale", "--quiet", "--no-verify"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err
-    assert not (tmp_path / "data" / "features").exists()
-    result = _run("data", tiny_model_path, out=tmp_path / "elsewhere")
+    assert not (tmp_path / "data" / "featurepipe-out").exists() and not (tmp_path / "data" / "features").exists()
+    result = _run(".", tiny_model_path, out=tmp_path / "elsewhere")
     assert load(result.path).class_names == ["blue", "green", "red"]
 
 
