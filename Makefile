@@ -21,8 +21,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# one pytest worker per core (pytest-xdist), tests handed out one at a time
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist load
 
 # The report's browser tests drive Debian's chromium with chromedriver: installed here when missing
 # and we are root with apt-get; otherwise those tests are skipped with the reason.

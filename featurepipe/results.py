@@ -159,11 +159,12 @@ def _fmt(value, digits):
     return "–" if math.isnan(v) else f"{v:.{digits}f}"
 
 
-def results_markdown(rows):
-    """A Markdown table of result rows (dicts), in the given order (``ranked`` gives the rule's)."""
+def results_markdown(rows, *, limit=None):
+    """A Markdown table of result rows (dicts), in the given order (``ranked`` gives the rule's);
+    with ``limit``, only the first rows, and a line counting the others."""
     lines = ["| features | clf | CV accuracy (train) | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in rows[:limit]:
         cv = (f"{number(r['cv_mean']):.4f} ± {number(r['cv_std']):.4f}"
               if not math.isnan(number(r.get("cv_mean"))) else "–")
         warned = r.get("convergence_warnings") not in ("", "0", 0, None)
@@ -174,6 +175,8 @@ def results_markdown(rows):
             str(r.get("best_params", "")).replace("|", "\\|"),
             str(r.get("status", "")) + (f" ({r['convergence_warnings']} convergence warnings)" if warned else ""),
         ]) + " |")
+    if limit is not None and len(rows) > limit:
+        lines.append(f"({len(rows) - limit} more rows)")
     if rows:
         lines.append(f"\nRanking: {SELECTION_RULE}.")
     leaky = [r for r in rows if not math.isnan(number(r.get("test_accuracy_no_leaks")))

@@ -57,9 +57,7 @@ class RunResult:
         from .compare import best_line
         from .results import results_markdown
 
-        lines = [results_markdown(self.rows[:top]).rstrip("\n")]
-        if len(self.rows) > top:
-            lines.append(f"({len(self.rows) - top} more rows in {self.models_dir / 'results.md'})")
+        lines = [results_markdown(self.rows, limit=top).rstrip("\n")]
         if self.best is not None:
             lines.append(best_line(self.best))
         lines.append("")
@@ -103,12 +101,20 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
     from .audit import audit as run_audit
     from .compare import compare
     from .extract import DEFAULT_BACKBONES, extract
+    from .backbones import get_backbone
+    from .checks import check_at_least
+    from .classifiers import get_classifier
     from .images import check_data
     from .paths import check_outside_input, models_dir_for
     from .results import best_row
 
     check_data(data)
+    check_at_least(cv, 2, "--cv")
+    for clf in clfs or ():
+        get_classifier(clf)  # a wrong name fails before the features are extracted
     backbones = list(backbones or (ALL_BACKBONES if full else DEFAULT_BACKBONES))
+    for name in backbones:
+        get_backbone(name, preprocess_mode=preprocess)
     seconds = {}
     say = (lambda msg: None) if quiet else (lambda msg: print(f"==> {msg}", file=sys.stderr, flush=True))
 

@@ -99,10 +99,15 @@ def test_nothing_is_written_inside_data_by_any_stage(default_homes, tiny_model_p
     assert (default_homes / "models" / "data" / "report.html").is_file()
 
 
-def test_run_without_data_or_with_a_missing_folder_is_one_line(default_homes, capsys):
+def test_bad_arguments_are_one_line_before_any_work(default_homes, capsys):
+    make_dataset(default_homes / "photos", n_per_class=2)
     assert featurepipe_main(["run"]) == 2
     assert featurepipe_main(["run", "--data", "no-such-folder"]) == 2
+    assert featurepipe_main(["run", "--data", "photos", "--clf", "no-such-clf"]) == 2
+    assert featurepipe_main(["run", "--data", "photos", "--backbone", "no-such-net"]) == 2
+    assert featurepipe_main(["run", "--data", "photos", "--cv", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
-    assert "--data" in err[0] and "no-such-folder" in err[1]
-    assert not os.path.exists(default_homes / "models")
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    for line, named in zip(err, ("--data", "no-such-folder", "no-such-clf", "no-such-net", "--cv")):
+        assert named in line
+    assert not os.path.exists(default_homes / "models") and not os.path.exists(default_homes / "data")
