@@ -61,12 +61,12 @@ class RunResult:
         if self.best is not None:
             lines.append(best_line(self.best))
         lines.append("")
-        lines.append(f"features: {', '.join(str(p) for p in self.features)}")
-        lines.append(f"models and results: {self.models_dir}/ (results.md, results.csv, *.joblib)")
+        lines.append(f"features: {', '.join(str(Path(p).resolve()) for p in self.features)}")
+        lines.append(f"models and results: {self.models_dir.resolve()}/ (results.md, results.csv, *.joblib)")
         if self.audit_dir is not None:
-            lines.append(f"audit: {self.audit_dir}/")
+            lines.append(f"audit: {self.audit_dir.resolve()}/")
         if self.report is not None:
-            lines.append(f"report: {self.report}")
+            lines.append(f"report: {self.report.resolve()}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

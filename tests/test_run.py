@@ -95,7 +95,7 @@ def test_nothing_is_written_inside_data_by_any_stage(default_homes, tiny_model_p
     assert _tree(default_homes / "data") == before
     out = capsys.readouterr().out
     assert (default_homes / "featurepipe-out" / "data" / "tiny.h5").is_file()
-    assert f"report: {Path('models') / 'data' / 'report.html'}" in out
+    assert f"report: {(default_homes / 'models' / 'data' / 'report.html').resolve()}" in out
     assert (default_homes / "models" / "data" / "report.html").is_file()
 
 
