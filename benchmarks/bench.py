@@ -40,7 +40,8 @@ def child_forward(backbone, data, batch_size, seconds, batch_sizes=None):
     """
     import numpy as np
 
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.engines import ENGINES, ModelSource, available_engines, pixel_model
     from featurepipe.images import list_images
     from featurepipe.reader import load_image
@@ -102,7 +103,8 @@ def child_first_use(backbone, data):
     """Seconds to the first features with an empty cache (conversion + auto trial), and the choice."""
     import numpy as np
 
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.engines import FeatureModel, remembered_choice
     from featurepipe.images import list_images
     from featurepipe.reader import load_image
@@ -121,7 +123,8 @@ def child_startup(backbone, data):
     """Import, model load (from the cache) and the first image's features."""
     import numpy as np
 
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.engines import FeatureModel
     from featurepipe.images import list_images
     from featurepipe.reader import load_image
@@ -208,7 +211,8 @@ def child_classic(backbone, data, batch_size):
     """The classic script: image_dataset_from_directory + model.predict (network build excluded)."""
     import keras
 
-    from featurepipe.backbones import PREPROCESS, build_feature_model, get_backbone, make_spec
+    from featurepipe.backbones import PREPROCESS, build_feature_model, get_backbone
+    from featurepipe.settings import make_spec
 
     b = get_backbone(backbone)
     spec, resolved = make_spec(b)

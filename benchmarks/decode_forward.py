@@ -42,7 +42,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if DEFAULT_WEIGHTS.is_dir():
         os.environ.setdefault("FEATUREPIPE_WEIGHTS", str(DEFAULT_WEIGHTS))
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.engines import FeatureModel
     from featurepipe.images import walk_images
     from featurepipe.reader import DEFAULT_DECODE, Target, decode_targets, read_bytes

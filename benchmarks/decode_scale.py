@@ -54,7 +54,8 @@ def make_photos(out, n, data=DEFAULT_DATA):
 def measure(photos, backbone, margins):
     import numpy as np
 
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.engines import FeatureModel
     from featurepipe.images import walk_images
     from featurepipe.reader import decode_bytes, resize_array

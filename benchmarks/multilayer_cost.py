@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from featurepipe.backbones import get_backbone, make_spec, with_layers
+from featurepipe.backbones import get_backbone
+from featurepipe.settings import make_spec, with_layers
 from featurepipe.engines import FeatureModel
 
 

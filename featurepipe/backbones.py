@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -581,77 +581,9 @@ def _download(known):
 # --------------------------------------------------------------------------- feature model
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Everything that determines the numbers in a feature file (compared on resume)."""
-
-    backbone: str
-    layer: str
-    pooling: str
-    image_size: int
-    resize: str
-    preprocess: str
-    augment: str
-    weights_source: str
-    weights_sha256: str
-
-    def identity(self):
-        """The settings a resumed or incremental run must share with the existing file."""
-        return {k: v for k, v in self.__dict__.items() if k != "weights_source"}
-
-
-def make_spec(backbone, *, layer=None, pooling="avg", image_size=None, resize="stretch",
-              augment="none", weights=None):
-    """Resolve a backbone's settings (weights included) into a FeatureSpec."""
-    if pooling not in POOLING_MODES:
-        raise UsageError(f"unknown pooling '{pooling}'; use avg or max")
-    if augment not in ("none", "flip"):
-        raise UsageError(f"unknown augment '{augment}'; use flip (or none)")
-    resolved = resolve_weights(backbone, weights)
-    return FeatureSpec(
-        backbone=backbone.name,
-        layer=layer or backbone.layer or "",
-        pooling=pooling,
-        image_size=int(image_size or backbone.input_size),
-        resize=resize,
-        preprocess=backbone.preprocess,
-        augment=augment,
-        weights_source=resolved.source if resolved else "random init (no weights)",
-        weights_sha256=resolved.sha256 if resolved else "",
-    ), resolved
-
-
 def layer_names(spec):
     """The layers a spec reads, as a tuple: one, or several for a multi-layer spec."""
     return spec.layer if isinstance(spec.layer, tuple) else (spec.layer,)
-
-
-def with_layers(spec, layers):
-    """The spec of ONE forward pass that reads several layers (``spec.layer`` becomes a tuple).
-
-    Parameters
-    ----------
-    spec : FeatureSpec
-        From ``make_spec`` (its layer is the default taken for a ``None`` or empty name).
-    layers : sequence of str
-
-    Its feature model (``build_feature_model``, ``engines.FeatureModel``) returns one pooled output
-    per layer, in this order; ``split_layers`` gives back each layer's own spec (what its file
-    records). The layer tuple also keys the engines' caches, so a multi-layer model is converted
-    and remembered apart from the single-layer ones.
-    """
-    names = tuple(name or spec.layer for name in layers)
-    if not names:
-        raise UsageError("no layers given")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UsageError(f"layer '{repeated[0]}' is named twice; give each --layer once")
-    return replace(spec, layer=names)
-
-
-def split_layers(spec):
-    """One single-layer FeatureSpec per layer of a (multi-layer) spec."""
-    return [replace(spec, layer=name) for name in layer_names(spec)]
 
 
 def build_feature_model(backbone, spec, resolved):

@@ -130,13 +130,12 @@ class ChunkJob:
     paths: tuple             # the chunk's images as stored (relative to the data root), in order
     abs_paths: tuple         # the same images, to read
     backbone: str            # registry name or file:PATH
-    spec: object             # FeatureSpec
+    spec: object             # ExtractionSettings (decode mode included)
     resolved: object         # ResolvedWeights or None
     engine: str
     batch_size: int
     decode_workers: int
     max_pixels: int
-    decode: str
 
 
 class _NoBar:
@@ -175,13 +174,13 @@ def run_chunk_job(job, extract_chunk):
     ``extract_chunk`` is extract's own batching (passed in, so this module stays below extract);
     images come from the same reader, so decoding, batches and engine equal a local run's.
     """
-    from .reader import Target, read_images
+    from .reader import read_images
     from .store import save_part
 
     model = worker_model(job.backbone, job.spec, job.resolved, job.engine)
     # As locally: a per-image engine runs the network in the reader's threads.
     then = model.one if model.per_image else None
-    target = Target(job.spec.image_size, job.spec.resize, job.decode, then=then)
+    target = job.spec.target(then=then)
     reads = read_images(list(job.abs_paths), [target], max_pixels=job.max_pixels,
                         workers=job.decode_workers or (model.engine.parallel if then else None))
     stream = _pairs(reads)
@@ -258,6 +257,6 @@ def chunk_jobs(todo, *, index, model, parts_dir, opts):
                      backbone=model.backbone.name, spec=model.spec, resolved=model.resolved,
                      engine=model.engine_name,
                      batch_size=opts.batch_size, decode_workers=opts.workers,
-                     max_pixels=opts.max_pixels, decode=opts.decode)
+                     max_pixels=opts.max_pixels)
             for name, members in todo]
 

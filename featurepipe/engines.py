@@ -73,7 +73,7 @@ class Engine(Protocol):
     """What ``FeatureModel``, extract and ``auto`` need from a forward-pass engine.
 
     An engine is built by its registry entry, ``ENGINES[name].make(model, spec)``, from a
-    ``ModelSource`` (the Keras pixel model, built only if the engine asks for it) and a FeatureSpec
+    ``ModelSource`` (the Keras pixel model, built only if the engine asks for it) and an ExtractionSettings
     (or None), and raises UsageError for wrong arguments, FeaturepipeError when it cannot run that
     network. Whether it can be built at all on this machine is the entry's ``available()``.
 
@@ -355,7 +355,7 @@ class LiteRTEngine:
     Parameters
     ----------
     model : keras.Model or ModelSource
-    spec : FeatureSpec or None
+    spec : ExtractionSettings or None
         Keys the ``.tflite`` cache (None: convert in memory, no cache).
     parallel : int or None
         Interpreters run side by side (None: ``os.cpu_count()``).
@@ -450,7 +450,7 @@ class EngineKind:
     ----------
     make : callable
         ``make(model, spec) -> Engine``; ``model`` is a ModelSource (call ``model.get()`` for the
-        Keras model, only when needed), ``spec`` a FeatureSpec or None (None: cache nothing).
+        Keras model, only when needed), ``spec`` an ExtractionSettings or None (None: cache nothing).
         Raises UsageError for a wrong argument, FeaturepipeError when it cannot run this network
         (``auto`` then warns and leaves it out).
     available : callable
@@ -507,7 +507,7 @@ def make_engine(name, model, spec):
     model : keras.Model, ModelSource or callable
         The feature model, or a zero-argument function building it (only called when needed:
         a cached LiteRT model needs no Keras model).
-    spec : FeatureSpec or None
+    spec : ExtractionSettings or None
         Keys the cache; None disables caching.
 
     Returns
@@ -675,7 +675,7 @@ class FeatureModel:
     Parameters
     ----------
     backbone : Backbone
-    spec : FeatureSpec
+    spec : ExtractionSettings
     resolved : ResolvedWeights or None
     engine : str
         ``auto`` or a key of ``ENGINES``.
@@ -771,28 +771,26 @@ def _as_pixels(images):
     return images
 
 
-def feature_model_from_attrs(attrs, *, engine="tf", weights=None):
-    """Rebuild the FeatureModel a feature file (or a saved model) was made with.
+def rebuild_feature_model(settings, *, engine="tf", weights=None):
+    """The FeatureModel a feature file (or a saved model's block) was made with.
 
     Parameters
     ----------
-    attrs : dict
-        The feature file's attributes (backbone, layer, pooling, image_size, resize, preprocess,
-        augment, weights_sha256).
+    settings : ExtractionSettings
+        What the file records (``ExtractionSettings.from_attrs``).
     weights : str, optional
         An explicit weights file; otherwise found as for extraction.
 
     Raises UsageError when the weights found are not the ones the features were made with.
     """
-    from .backbones import get_backbone, make_spec
+    from .backbones import get_backbone
+    from .settings import make_spec
 
-    backbone = get_backbone(str(attrs["backbone"]), preprocess_mode=str(attrs["preprocess"]))
-    want = str(attrs.get("weights_sha256", ""))
-    spec, resolved = make_spec(backbone, layer=str(attrs.get("layer") or "") or None,
-                               pooling=str(attrs.get("pooling", "avg")),
-                               image_size=int(attrs["image_size"]),
-                               resize=str(attrs.get("resize", "stretch")),
-                               augment=str(attrs.get("augment", "none")),
+    backbone = get_backbone(settings.backbone, preprocess_mode=settings.preprocess)
+    want = settings.weights_sha256
+    spec, resolved = make_spec(backbone, layer=settings.layer or None, pooling=settings.pooling,
+                               image_size=settings.image_size, resize=settings.resize,
+                               augment=settings.augment, decode=settings.decode,
                                weights=weights if weights is not None else ("none" if not want else None))
     if spec.weights_sha256 != want:
         raise UsageError(f"the weights found for '{backbone.name}' ({spec.weights_source}, sha256 "

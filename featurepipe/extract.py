@@ -23,16 +23,15 @@ import numpy as np
 
 from .cli import OneLineParser
 from . import __version__
-from .backbones import (BACKBONES, POOLING_MODES, PREPROCESS, feature_file_stem, get_backbone,
-                        list_layers, make_spec, split_layers, with_layers)
-from .checks import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_image_size, check_seed,
-                     check_workers)
+from .backbones import BACKBONES, POOLING_MODES, PREPROCESS, feature_file_stem, get_backbone, list_layers
+from .checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_seed, check_workers
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
 from .errors import DataError, ImageError, UsageError
 from .images import assign_split, list_images
 from .paths import check_outside_input, default_out_dir, latest_pointer
-from .reader import (DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, FILE_DECODE_DEFAULT, RESIZE_MODES,
-                     TIMEOUT_REASON, Target, check_decode, file_sha1, file_stat, read_images)
+from .reader import (DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, RESIZE_MODES, TIMEOUT_REASON,
+                     file_sha1, file_stat, read_images)
+from .settings import OLD_DEFAULTS, check_settings, make_spec, split_layers, with_layers
 from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
 
@@ -185,7 +184,8 @@ def _validate(opts, backbones):
     if len(set(backbones)) != len(backbones):
         raise UsageError("a backbone is named twice in --backbone")
     check_at_least(opts.batch_size, 1, "--batch-size")
-    check_image_size(opts.image_size)
+    check_settings(pooling=opts.pooling, image_size=opts.image_size, resize=opts.resize,
+                   augment=opts.augment, preprocess=opts.preprocess, decode=opts.decode)
     check_workers(opts.workers)
     check_seed(opts.seed)
     check_at_least(opts.chunk_size, 1, "chunk_size")
@@ -193,17 +193,8 @@ def _validate(opts, backbones):
     if not 0 <= opts.test_size < 1 or not 0 <= opts.val_size < 1 or opts.test_size + opts.val_size >= 1:
         raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
                          f"(got {opts.test_size} and {opts.val_size})")
-    check_decode(opts.decode)
     if opts.max_pixels < 1:
         raise UsageError(f"--max-pixels must be >= 1, got {opts.max_pixels}")
-    if opts.pooling not in POOLING_MODES:
-        raise UsageError(f"unknown --pooling '{opts.pooling}'; use avg or max")
-    if opts.resize not in RESIZE_MODES:
-        raise UsageError(f"unknown --resize '{opts.resize}'; use one of {', '.join(RESIZE_MODES)}")
-    if opts.augment not in ("none", "flip"):
-        raise UsageError(f"unknown --augment '{opts.augment}'; use flip")
-    if opts.preprocess is not None and opts.preprocess not in PREPROCESS:
-        raise UsageError(f"unknown --preprocess '{opts.preprocess}'; use one of {', '.join(PREPROCESS)}")
     if len(backbones) > 1 and (opts.weights or opts.layer):
         raise UsageError("--weights and --layer apply to one backbone; run one --backbone at a time")
     if len(_layers(opts)) > 1 and opts.dask is not None:
@@ -296,15 +287,11 @@ class _Job:
     engines_used: set = field(default_factory=set)  # names of the engines that computed new rows
 
 
-def _identity(spec, decode):
-    """The settings an existing file or part must share to be extended: the spec and decode mode."""
-    return {**spec.identity(), "decode": decode}
-
-
 def _prepare(index, name, out_dir, opts, locks):
     backbone = get_backbone(name, preprocess_mode=opts.preprocess)
     spec, resolved = make_spec(backbone, pooling=opts.pooling, image_size=opts.image_size,
-                               resize=opts.resize, augment=opts.augment, weights=opts.weights)
+                               resize=opts.resize, augment=opts.augment, weights=opts.weights,
+                               decode=opts.decode)
     multi = with_layers(spec, _layers(opts))
     layer_specs = split_layers(multi)
     model_spec = layer_specs[0] if len(layer_specs) == 1 else multi
@@ -319,7 +306,7 @@ def _prepare_output(index, name, spec, out_dir, opts, locks):
     """Lock one layer's file; (its partial _Output, its plan)."""
     path = output_path(out_dir, name, opts.augment, spec.layer)
     locks.enter_context(_Lock(path.with_name(f".{path.name}.lock")))
-    identity = _identity(spec, opts.decode)
+    identity = spec.identity()
     old = _existing_file(path, identity, opts.overwrite)
     plan = _plan(index, old, out_dir, path, opts)
     parts_dir = path.with_name(f".{path.stem}.parts")
@@ -417,7 +404,7 @@ def _existing_file(path, identity, overwrite):
         old = load(path, features=False)
     except DataError as err:
         raise UsageError(f"{err}; pass --overwrite to replace it") from None
-    made = {**{"decode": FILE_DECODE_DEFAULT}, **old.attrs}
+    made = {**OLD_DEFAULTS, **old.attrs}
     changed = [f"{k}={made.get(k)!r} (now {v!r})" for k, v in identity.items()
                if str(made.get(k, "")) != str(v)]
     if changed:
@@ -562,8 +549,7 @@ class _Feed:
         self.job, self.index, self.opts, self.bar = job, index, opts, bar
         model = job.model
         self.per_image = model.per_image  # then the network runs in the reader's threads
-        self.target = Target(job.spec.image_size, job.spec.resize, opts.decode,
-                             then=model.one if self.per_image else None)
+        self.target = job.spec.target(then=model.one if self.per_image else None)
         self.featurize = _stacked_features if self.per_image else model
         self.positions = [p for members, _ in job.todo for p in members]
         self.chunks = deque(job.todo)
@@ -849,7 +835,7 @@ def _engine_without_building(model):
 
 def _attrs(index, spec, model, opts, dim, old, now, engines_used):
     tf_version, keras_version = _versions()
-    attrs = dict(spec.__dict__)
+    attrs = spec.attrs()
     attrs.update(
         feature_dim=dim,
         engine=_engine_attr(model, old, engines_used),
@@ -861,7 +847,6 @@ def _attrs(index, spec, model, opts, dim, old, now, engines_used):
         test_size=opts.test_size,
         val_size=opts.val_size,
         split_source="given" if index.given_split is not None else "assigned",
-        decode=opts.decode,
         created=(old.attrs.get("created") if old is not None else None) or now,
         updated=now,
     )

@@ -13,10 +13,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .backbones import backbone_file_stem, get_backbone, make_spec
+from .backbones import backbone_file_stem, get_backbone
+from .settings import make_spec
 from .engines import FeatureModel
 from .errors import ImageError, UsageError
-from .reader import DEFAULT_DECODE, RESIZE_MODES, Target, check_decode, file_stat, read_images, resize_array
+from .reader import DEFAULT_DECODE, file_stat, read_images, resize_array
 from .store import read_cached_features, write_cached_features
 
 # One network per (backbone, spec, engine) and process: every clone GridSearchCV makes shares it.
@@ -51,8 +52,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
-    spec_ : FeatureSpec
-        The resolved extraction settings.
+    spec_ : ExtractionSettings
+        The resolved extraction settings (``featurepipe.settings``).
     weights_ : ResolvedWeights or None
     n_features_out_ : int or None
         Features per image: the registry's size for a backbone read at its default layer, else
@@ -89,15 +90,13 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        if self.resize not in RESIZE_MODES:
-            raise UsageError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise UsageError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        check_decode(self.decode)
         entry = get_backbone(self.backbone, preprocess_mode=self.preprocess)
         self.spec_, self.weights_ = make_spec(entry, layer=self.layer, pooling=self.pooling,
                                               image_size=self.image_size, resize=self.resize,
-                                              augment=self.augment, weights=self.weights)
+                                              augment=self.augment, weights=self.weights,
+                                              decode=self.decode)
         at_default_layer = entry.dim is not None and self.spec_.layer == (entry.layer or "")
         self.n_features_out_ = entry.dim if at_default_layer else None
         return self
@@ -163,7 +162,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         return np.concatenate(out) if out else np.zeros((0, self.n_features_out_ or 0), np.float32)
 
     def _from_files(self, paths):
-        target = Target(self.spec_.image_size, self.spec_.resize, self.decode)
+        target = self.spec_.target()
         batch_size = int(self.batch_size)
         out, batch = [], []
         for path, item in zip(paths, read_images(paths, [target])):
@@ -178,7 +177,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         return np.concatenate(out) if out else np.zeros((0, self.n_features_out_ or 0), np.float32)
 
     def _cached(self, paths):
-        settings = {**self.spec_.identity(), "decode": self.decode}
+        settings = self.spec_.identity()
         known = read_cached_features(self.cache, settings)
         keys = [_stat_key(p) for p in paths]
         missing = sorted(set(keys) - set(known))

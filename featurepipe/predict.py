@@ -24,7 +24,8 @@ from .checks import check_at_least, check_workers
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks, resolve_feature_files
 from .images import expand_paths
-from .reader import FILE_DECODE_DEFAULT, Target, read_images, target_from_attrs
+from .reader import FILE_DECODE_DEFAULT, Target, read_images
+from .settings import ExtractionSettings
 
 CHUNK = 256
 
@@ -78,7 +79,7 @@ class FeaturesModel:
         """One Prediction per image file, in order (probability of the top class)."""
         if self._models is None:  # built on the first images, once
             self._models = feature_models(self.bundle, engine=self.engine)
-        targets = [target_from_attrs(b["attrs"]) for b in self.bundle["blocks"]]
+        targets = [model.spec.target() for model in self._models]
         X, good, errors = _chunk_features(paths, self._models, targets, self.batch_size, self.workers)
         proba = self.estimator.predict_proba(X) if good else []
         answers = dict(zip(good, proba))
@@ -145,11 +146,12 @@ def expand_images(items):
 
 
 def feature_models(bundle, *, engine="auto"):
-    """One FeatureModel per block of the bundle, rebuilt from its attrs."""
-    from .engines import feature_model_from_attrs
+    """One FeatureModel per block of the bundle, rebuilt from the settings its file recorded."""
+    from .engines import rebuild_feature_model
 
     _check_tf_version(bundle)
-    return [feature_model_from_attrs(b["attrs"], engine=engine) for b in bundle["blocks"]]
+    return [rebuild_feature_model(ExtractionSettings.from_attrs(b["attrs"]), engine=engine)
+            for b in bundle["blocks"]]
 
 
 def _check_tf_version(bundle):

@@ -74,12 +74,6 @@ class Read:
     sha1: str
 
 
-def target_from_attrs(attrs, then=None):
-    """The Target a feature file's images were read with (its size, resize and decode mode)."""
-    return Target(int(attrs["image_size"]), str(attrs.get("resize", "stretch")),
-                  str(attrs.get("decode", FILE_DECODE_DEFAULT)), then)
-
-
 # --------------------------------------------------------------------------- files
 
 

@@ -14,9 +14,10 @@ import numpy as np
 
 from .cli import OneLineParser
 from .checks import check_at_least, check_seed, check_tolerance
-from .engines import feature_model_from_attrs
+from .engines import rebuild_feature_model
 from .errors import DataError, ImageError, UsageError
-from .reader import read_images, target_from_attrs
+from .reader import read_images
+from .settings import ExtractionSettings
 from .store import iter_feature_blocks, load
 
 DEFAULT_TOLERANCE = 1e-4
@@ -126,8 +127,9 @@ def verify(path, *, sample=32, seed=0, data=None, weights=None, tolerance=DEFAUL
             raise UsageError(f"--data '{data}' is not a folder; pass the image folder '{path.name}' was extracted from")
         raise DataError(f"the image folder recorded in '{path}' ({root}) is gone; pass its new place with --data")
     rows = sample_rows(len(f), sample, seed)
-    model = feature_model_from_attrs(attrs, engine="tf", weights=weights)
-    target = target_from_attrs(attrs)
+    settings = ExtractionSettings.from_attrs(attrs)
+    model = rebuild_feature_model(settings, engine="tf", weights=weights)
+    target = settings.target()
     mismatches, errors = [], np.full(len(rows), np.nan)
     at = {int(r): i for i, r in enumerate(rows)}
     for block_rows, stored in iter_feature_blocks(path, rows, block=batch_size):

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import FLOWERS, WEIGHTS, needs_shared
 from featurepipe import backbones
-from featurepipe.backbones import (BACKBONES, KerasApp, build_feature_model, get_backbone, make_spec,
-                                   preprocess, resolve_weights)
+from featurepipe.backbones import (BACKBONES, KerasApp, build_feature_model, get_backbone, preprocess, resolve_weights)
+from featurepipe.settings import make_spec
 from featurepipe.errors import UsageError
 
 KERAS_APPS = [name for name, b in BACKBONES.items() if isinstance(b.builder, KerasApp)]

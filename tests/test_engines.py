@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import featurepipe.engines as engines
-from featurepipe.backbones import get_backbone, make_spec
-from featurepipe.backbones import with_layers
+from featurepipe.backbones import get_backbone
+from featurepipe.settings import make_spec
+from featurepipe.settings import with_layers
 from featurepipe.engines import (ENGINES, Engine, EngineKind, FeatureModel, PerImageEngine, make_engine,
                                  pick_engine, remembered_choice, tflite_path)
 from featurepipe.errors import FeaturepipeError, UsageError

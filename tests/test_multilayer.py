@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import featurepipe.engines as engines
-from featurepipe.backbones import get_backbone, make_spec, split_layers, with_layers
+from featurepipe.backbones import get_backbone
+from featurepipe.settings import make_spec, split_layers, with_layers
 from featurepipe.engines import FeatureModel, tflite_path
 from featurepipe.errors import UsageError
 

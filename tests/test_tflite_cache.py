@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from featurepipe.backbones import get_backbone, make_spec
+from featurepipe.backbones import get_backbone
+from featurepipe.settings import make_spec
 from featurepipe.engines import FeatureModel, litert_available, tflite_path
 
 pytestmark = pytest.mark.skipif(not litert_available(), reason="LiteRT (ai-edge-litert) not installed")

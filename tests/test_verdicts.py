@@ -65,16 +65,17 @@ def test_extract(world, tiny_model_path, tmp_path):
 
 
 def test_dask_chunk_worker(world, tiny_model_path, tmp_path):
-    from featurepipe.backbones import get_backbone, make_spec
+    from featurepipe.backbones import get_backbone
+    from featurepipe.settings import make_spec
     from featurepipe.distributed import ChunkJob, run_chunk_job
     from featurepipe.extract import _extract_chunk
 
     data, _, _, verdicts = world
-    spec, resolved = make_spec(get_backbone(f"file:{tiny_model_path}", preprocess_mode="scale"))
+    spec, resolved = make_spec(get_backbone(f"file:{tiny_model_path}", preprocess_mode="scale"), decode="scaled")
     job = ChunkJob(part_path=str(tmp_path / "part.npz"), paths=BAD + ("red/img_000.png",),
                    abs_paths=tuple(str(data / p) for p in BAD + ("red/img_000.png",)),
                    backbone=f"file:{tiny_model_path}", spec=spec, resolved=resolved, engine="tf",
-                   batch_size=2, decode_workers=None, max_pixels=10**8, decode="scaled")
+                   batch_size=2, decode_workers=None, max_pixels=10**8)
     bounded(lambda: run_chunk_job(job, _extract_chunk))
     part = load_part(tmp_path / "part.npz")
     assert list(part["paths"]) == ["red/img_000.png"]

@@ -13,7 +13,8 @@ from ..checks import check_seed
 from ..errors import DataError, ImageError, UsageError
 from ..images import assign_split
 from ..paths import models_dir_for
-from ..reader import read_images, target_from_attrs
+from ..reader import read_images
+from ..settings import ExtractionSettings
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def decoded_images(feats, rows, spec, work, quiet):
         images = np.lib.format.open_memmap(cache, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         wanted = np.sort(np.concatenate(list(rows.values())))
         root = Path(str(feats.attrs["data_root"]))
-        stream = read_images([str(root / feats.paths[i]) for i in wanted], [target_from_attrs(feats.attrs)])
+        stream = read_images([str(root / feats.paths[i]) for i in wanted], [ExtractionSettings.from_attrs(feats.attrs).target()])
         bad = {}
         for i, item in zip(wanted, progress(stream, len(wanted), "decode", quiet)):
             if isinstance(item, ImageError):

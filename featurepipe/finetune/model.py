@@ -37,12 +37,13 @@ AUGMENT_ZOOM = 0.1
 
 
 def feature_model_of(attrs, weights):
-    from ..engines import feature_model_from_attrs
+    from ..engines import rebuild_feature_model
+    from ..settings import ExtractionSettings
 
     if str(attrs.get("augment", "none")) != "none":
         warnings.warn(f"the feature file was made with augment={attrs['augment']} (features averaged "
                       "with the mirror image); the stage-1 head is trained on those", stacklevel=3)
-    return feature_model_from_attrs(attrs, weights=weights)
+    return rebuild_feature_model(ExtractionSettings.from_attrs(attrs), weights=weights)
 
 
 def flat_layers(model):
