@@ -1,4 +1,4 @@
-"""Time extraction without Dask and on a LocalCluster of 1 and 2 workers (README "Scaling out").
+"""Time extraction without Dask and on a LocalCluster of 1 and 2 workers (docs/dask.md).
 
     FEATUREPIPE_WEIGHTS=../shared/weights python benchmarks/dask_scaling.py \
         --data ../shared/datasets/flowers5 --backbone squeezenet --out /tmp/dask_bench

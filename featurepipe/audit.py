@@ -40,11 +40,11 @@ from .store import write_json_atomic
 # Cosine of the whitened features (three default backbones): 28 of 30 planted copies of flowers5
 # photos (resized, slightly cropped, re-compressed, mirrored) score >= 0.70; the pairs of other
 # images above it are, by eye, nearly all two shots or two edits of one scene
-# (benchmarks/audit_planted.py; README, Audit).
+# (benchmarks/audit_planted.py; docs/audit.md).
 DEFAULT_THRESHOLD = 0.70
 WHITEN_DIMS = 512
 WHITEN_FIT_ROWS = 20_000
-EXACT_MAX_ROWS = 100_000      # past this many images, faiss HNSW finds the pairs (README: crossover)
+EXACT_MAX_ROWS = 100_000      # past this many images, faiss HNSW finds the pairs (docs/audit.md: crossover)
 ANN_NEIGHBOURS = 16           # neighbours asked of the index per image
 BLOCK_BYTES = 256 << 20       # memory for one block of the exact similarity matrix
 CURVE_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -225,8 +225,8 @@ def whitened(X, *, dims=WHITEN_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
 
     Pooled CNN features share large common directions, so the plain cosine of two different
     photos of one class is already high (0.9 and more on flowers5); whitening puts the weight on
-    what distinguishes one photo from another, which separates copies from distinct photos (README,
-    Audit). PCA is fitted on at most ``fit_rows`` rows (a random sample), then applied block by
+    what distinguishes one photo from another, which separates copies from distinct photos
+    (docs/audit.md). PCA is fitted on at most ``fit_rows`` rows (a random sample), then applied block by
     block. Returns ndarray of shape (n_samples, <= dims), float32.
     """
     from sklearn.decomposition import PCA
@@ -371,7 +371,7 @@ def rank_suspects(fs, proba):
     Listed: every image whose most probable class is not its given one, and every image cleanlab's
     ``find_label_issues`` flags (its estimate of the wrong labels, confident-learning pruning).
     Ranked by cleanlab's self-confidence label quality (the probability of the given label), the
-    ranking that found 96 % of planted wrong labels in flowers5 (README, Audit); ``score`` = 1 -
+    ranking that found 96 % of planted wrong labels in flowers5 (docs/audit.md); ``score`` = 1 -
     quality.
 
     Returns

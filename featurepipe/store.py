@@ -1,4 +1,4 @@
-"""The HDF5 feature file: the one place that knows its layout (mirrored in the README).
+"""The HDF5 feature file: the one place that knows its layout (mirrored in docs/format.md).
 
 Datasets (N rows, D features, C classes, M skipped files)::
 

@@ -14,7 +14,7 @@ LITE = [name for name, b in BACKBONES.items() if b.architecture_in_weights]
 # The smallest input each application accepts (32 unless Keras says otherwise).
 SMALLEST = {"inception_v3": 75, "inception_resnet_v2": 75, "xception": 71}
 # One network per keras.applications module runs numerically (random weights, both models built);
-# its siblings share that module's code and are checked structurally (see the README).
+# its siblings share that module's code and are checked structurally (see docs/backbones.md).
 NUMERIC = ["mobilenet", "mobilenet_v2", "vgg16", "vgg19", "resnet50", "resnet50_v2", "inception_v3",
            "xception", "densenet121", "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny",
            "inception_resnet_v2", "mobilenet_v3_small", "nasnet_mobile"]

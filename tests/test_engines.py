@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import featurepipe.engines as engines
+from featurepipe.engines import choice, litert
+from featurepipe.engines import model as engine_model
 from featurepipe.backbones import get_backbone
 from featurepipe.settings import make_spec
 from featurepipe.settings import with_layers
@@ -88,8 +90,8 @@ def test_litert_conversion_is_cached_and_reused(tiny_model_path, tmp_path, monke
     def fail(*args, **kwargs):
         raise AssertionError("converted or built again")
 
-    monkeypatch.setattr(engines, "convert_to_tflite", fail)
-    monkeypatch.setattr(engines, "build_feature_model", fail)  # a cached model needs no Keras model
+    monkeypatch.setattr(litert, "convert_to_tflite", fail)
+    monkeypatch.setattr(engine_model, "build_feature_model", fail)  # a cached model needs no Keras model
     second = tiny_feature_model(tiny_model_path, "litert")
     got = second(images)
     np.testing.assert_array_equal(got, expected)
@@ -156,14 +158,14 @@ def test_interpreters_made_in_many_threads_leave_stderr_alone(tiny_model_path, t
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setenv("FEATUREPIPE_CACHE", str(tmp_path / "cache"))
-    real_class = engines._litert_interpreter()
+    real_class = litert._litert_interpreter()
 
     class SlowToPlan(real_class):  # widen the window in which fd 2 is redirected
         def allocate_tensors(self):
             time.sleep(0.05)
             return super().allocate_tensors()
 
-    monkeypatch.setattr(engines, "_litert_interpreter", lambda: SlowToPlan)
+    monkeypatch.setattr(litert, "_litert_interpreter", lambda: SlowToPlan)
     stderr = open(os.dup(2), "w")  # a real file descriptor (pytest's capture has none)
     monkeypatch.setattr(sys, "stderr", stderr)
     model = tiny_feature_model(tiny_model_path, "litert")
@@ -207,7 +209,7 @@ class FakeClock:
     def __init__(self, monkeypatch):
         self.now = 0.0
         self.runs = []  # engine names, in the order they ran
-        monkeypatch.setattr(engines, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(choice, "perf_counter", lambda: self.now)
 
     def slow_down(self, monkeypatch, engine_class, seconds):
         """Each ``run`` of ``engine_class`` takes ``seconds(k)`` on this clock (k: its k-th run)."""
@@ -289,7 +291,7 @@ def test_auto_times_every_available_engine_interleaved_best_of_n(tiny_model_path
     def fail(*args, **kwargs):
         raise AssertionError("timed again")
 
-    monkeypatch.setattr(engines, "time_engines", fail)
+    monkeypatch.setattr(choice, "time_engines", fail)
     again = tiny_feature_model(tiny_model_path, "auto")
     again(random_images(1, 32))
     assert again.engine_used == "toy"

@@ -337,6 +337,7 @@ def test_broken_symlink_is_recorded_as_skipped(tiny_data, tiny_model_path, tmp_p
 
 
 def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path, tmp_path, monkeypatch):
+    import featurepipe.engines.model  # noqa: F401  (patched below)
     import featurepipe.engines as engines
 
     args = dict(out=tmp_path / "f", preprocess="scale", quiet=True, verify=0)
@@ -345,7 +346,7 @@ def test_a_rerun_with_nothing_to_do_builds_no_engine(tiny_data, tiny_model_path,
     def fail(*a, **k):
         raise AssertionError("an engine was built for nothing")
 
-    monkeypatch.setattr(engines, "make_engine", fail)
+    monkeypatch.setattr(engines.model, "make_engine", fail)
     [again] = extract(tiny_data, [f"file:{tiny_model_path}"], engine="auto", **args)
     assert again.n_extracted == 0 and again.n_rows == first.n_rows
     with h5py.File(again.path) as f:

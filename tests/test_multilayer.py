@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import featurepipe.engines as engines
+from featurepipe.engines import litert
 from featurepipe.backbones import get_backbone
 from featurepipe.settings import make_spec, split_layers, with_layers
 from featurepipe.engines import FeatureModel, tflite_path
@@ -43,7 +43,7 @@ def test_each_layer_of_one_pass_equals_its_single_layer_run(tiny_model_path, eng
 
 def test_litert_runs_the_network_once_per_image_for_all_layers(tiny_model_path, monkeypatch, tmp_path):
     monkeypatch.setenv("FEATUREPIPE_CACHE", str(tmp_path / "cache"))
-    interpreter_class = engines._litert_interpreter()
+    interpreter_class = litert._litert_interpreter()
     invokes = []
 
     class Counting:
@@ -57,7 +57,7 @@ def test_litert_runs_the_network_once_per_image_for_all_layers(tiny_model_path, 
             invokes.append(1)
             self._it.invoke()
 
-    monkeypatch.setattr(engines, "_litert_interpreter", lambda: Counting)
+    monkeypatch.setattr(litert, "_litert_interpreter", lambda: Counting)
     backbone, spec, resolved = _spec(tiny_model_path)
     outputs = FeatureModel(backbone, with_layers(spec, LAYERS), resolved, engine="litert")(_images(4))
     assert len(outputs) == 3 and len(invokes) == 4
