@@ -140,11 +140,12 @@ def child_startup(backbone, data):
 def child_extract(backbone, data, out, batch_size, decode="scaled"):
     """featurepipe.extract end to end (``backbone``: a name or a list, extracted together); also the
     time the forward pass waited for decoded images."""
+    import featurepipe.chunks as chunks
     import featurepipe.engines as engines
     import featurepipe.extract as fx
 
     waited, forward = [0.0], [0.0]
-    real_stream, real_call = fx.read_images, engines.FeatureModel.__call__
+    real_stream, real_call = chunks.read_images, engines.FeatureModel.__call__
 
     def timed_stream(*args, **kwargs):
         inner = real_stream(*args, **kwargs)
@@ -177,7 +178,7 @@ def child_extract(backbone, data, out, batch_size, decode="scaled"):
             verifying[0] += time.perf_counter() - t
             verifying[1] += time.process_time() - c
 
-    fx.read_images, fx.verify = timed_stream, timed_verify
+    chunks.read_images, fx.verify = timed_stream, timed_verify
     engines.FeatureModel.__call__ = timed_call
     names = [backbone] if isinstance(backbone, str) else backbone
     start, cpu = time.perf_counter(), time.process_time()

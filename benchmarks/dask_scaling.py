@@ -28,7 +28,7 @@ def _cluster_cpu(dask_client):
 
 def timed_run(data, backbone, out, dask):
     timings = {"merge": 0.0}
-    assemble = extract_module._assemble
+    assemble = extract_module.assemble
 
     def timed_assemble(*args, **kwargs):
         t = time.perf_counter()
@@ -37,7 +37,7 @@ def timed_run(data, backbone, out, dask):
         finally:
             timings["merge"] += time.perf_counter() - t
 
-    extract_module._assemble = timed_assemble
+    extract_module.assemble = timed_assemble
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     try:
@@ -52,7 +52,7 @@ def timed_run(data, backbone, out, dask):
                 [result] = extract_module.extract(data, [backbone], out=out, quiet=True, dask=dask)
                 timings["cpu"] = _cpu_seconds() + _cluster_cpu(dask_client) - cpu0
     finally:
-        extract_module._assemble = assemble
+        extract_module.assemble = assemble
     timings["total"] = time.perf_counter() - t0
     timings["extract"] = result.seconds
     timings["images"] = result.n_rows

@@ -8,71 +8,33 @@ or edited images.
 """
 
 import contextlib
-import fcntl
-import hashlib
 import shutil
 import sys
 import time
-import warnings
-from collections import deque
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from .cli import OneLineParser
-from . import __version__
-from .backbones import BACKBONES, POOLING_MODES, PREPROCESS, feature_file_stem, get_backbone, list_layers
+from .assemble import ExtractResult, assemble, unchanged, untouched
+from .backbones import BACKBONES, POOLING_MODES, PREPROCESS, get_backbone, list_layers
 from .checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_at_least, check_seed, check_workers
-from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices, tensorflow_version
-from .errors import DataError, ImageError, UsageError
-from .images import assign_split, list_images
+from .chunks import collect_parts, run_chunks_on_dask, run_local
+from .cli import OneLineParser
+from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices
+from .errors import DataError, UsageError
+from .images import list_images
 from .paths import check_outside_input, default_out_dir, latest_pointer
-from .reader import (DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, RESIZE_MODES, TIMEOUT_REASON,
-                     file_sha1, file_stat, read_images)
-from .settings import OLD_DEFAULTS, check_settings, make_spec, split_layers, with_layers
-from .store import FeatureFileWriter, load, load_part, remove_stale_temps, save_part, write_json_atomic
+from .planning import (OutputLock, existing_file, output_path, part_name, plan_file, prepare_parts_dir,
+                       remove_leftovers, valid_part)
+from .reader import DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, RESIZE_MODES
+from .settings import check_settings, make_spec, split_layers, with_layers
+from .store import write_json_atomic
 from .verify import EXTRACT_SAMPLE, verify
+
+__all__ = ["DEFAULT_BACKBONES", "ExtractResult", "extract", "main", "output_path"]
 
 # Chosen by CV on flowers5's training rows and time: the cheapest set within one standard error
 # of the best CV of every measured set (docs/backbones.md, "The default backbones").
 DEFAULT_BACKBONES = ("squeezenet", "efficientnet_lite0", "efficientnet_lite2")
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    """What one backbone's run did."""
-
-    path: Path
-    n_rows: int
-    n_extracted: int
-    n_kept: int
-    n_skipped: int
-    n_new_skipped: int
-    seconds: float
-    duplicate_groups: int
-    duplicate_leaks: int
-    newly_skipped: tuple = ()
-    n_resumed: int = 0  # rows of n_extracted computed by an earlier, interrupted run (its parts)
-    files_in_pass: int = 1  # feature files made by the same pass over the images (same seconds)
-
-    def summary(self, max_listed=10):
-        computed = self.n_extracted - self.n_resumed
-        rate = computed / self.seconds if self.seconds > 0 else 0.0
-        resumed = f", {self.n_resumed} from an interrupted run" if self.n_resumed else ""
-        shared = f" for the {self.files_in_pass} files of one pass" if self.files_in_pass > 1 else ""
-        line = (f"{self.path.name}: {self.n_rows} images ({computed} extracted{resumed}, "
-                f"{self.n_kept} kept), {self.n_skipped} skipped, {self.seconds:.1f} s, "
-                f"{rate:.1f} img/s{shared} -> {self.path}")
-        for rel, reason in self.newly_skipped[:max_listed]:
-            line += f"\n  skipped {rel}: {reason}"
-        if len(self.newly_skipped) > max_listed:
-            line += f"\n  ... and {len(self.newly_skipped) - max_listed} more (the file's 'skipped' dataset lists all)"
-        if self.duplicate_groups:
-            line += (f"\n  {self.duplicate_groups} groups of byte-identical images, "
-                     f"{self.duplicate_leaks} across splits (see the file's sha1 dataset)")
-        return line
 
 
 @dataclass(frozen=True)
@@ -203,38 +165,11 @@ def _validate(opts, backbones):
         get_backbone(name, preprocess_mode=opts.preprocess)
 
 
-class _Lock:
-    """An exclusive, non-blocking lock on an output file (released by the OS if the process dies)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.fh = None
-
-    def __enter__(self):
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            raise UsageError(f"another featurepipe run is writing '{self.path.name[1:-5]}' "
-                             "(wait for it to finish)") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
 def _layers(opts):
     """The layers asked for: ``(None,)`` for the backbone's default, else the names given."""
     if not opts.layer:
         return (None,)
     return (opts.layer,) if isinstance(opts.layer, str) else tuple(opts.layer)
-
-
-def output_path(out_dir, backbone_name, augment, layer=None):
-    """``OUT/<backbone>.h5`` for the default layer, ``OUT/<backbone>@<layer>.h5`` for another."""
-    return Path(out_dir) / f"{feature_file_stem(backbone_name, layer=layer, augment=augment)}.h5"
 
 
 def _extract_all(index, names, out_dir, opts):
@@ -244,9 +179,9 @@ def _extract_all(index, names, out_dir, opts):
         jobs = [_prepare(index, name, out_dir, opts, locks) for name in names]
         if opts.dask is not None:
             for job in jobs:
-                _run_chunks_on_dask(index, job, opts)
+                run_chunks_on_dask(index, job, opts)
         else:
-            _run_local(index, jobs, opts)
+            run_local(index, jobs, opts)
         outputs = [(job, output) for job in jobs for output in job.outputs]
         results = [replace(_finish(index, job, output, opts, started), files_in_pass=len(outputs))
                    for job, output in outputs]
@@ -305,13 +240,13 @@ def _prepare(index, name, out_dir, opts, locks):
 def _prepare_output(index, name, spec, out_dir, opts, locks):
     """Lock one layer's file; (its partial _Output, its plan)."""
     path = output_path(out_dir, name, opts.augment, spec.layer)
-    locks.enter_context(_Lock(path.with_name(f".{path.name}.lock")))
+    locks.enter_context(OutputLock(path.with_name(f".{path.name}.lock")))
     identity = spec.identity()
-    old = _existing_file(path, identity, opts.overwrite)
-    plan = _plan(index, old, out_dir, path, opts)
+    old = existing_file(path, identity, opts.overwrite)
+    plan = plan_file(index, old, out_dir, path, opts)
     parts_dir = path.with_name(f".{path.stem}.parts")
-    _remove_leftovers(path, parts_dir)
-    _prepare_parts_dir(parts_dir, identity)
+    remove_leftovers(path, parts_dir)
+    prepare_parts_dir(parts_dir, identity)
     return _Output(spec, path, old, plan, parts_dir, chunks=[], n_resumed=0), plan
 
 
@@ -331,9 +266,9 @@ def _layer_chunks(index, plans, pending, opts):
             own = [p for p in members if p in wanted]
             if not own:
                 continue
-            part = _part_name(k, own, index, plan.stats)
+            part = part_name(k, own, index, plan.stats)
             output.chunks.append((part, own))
-            if _valid_part(output.parts_dir / part, index, own, ("paths",)) is None:
+            if valid_part(output.parts_dir / part, index, own, ("paths",)) is None:
                 saves.append((output, part, own))
             else:
                 output.n_resumed += len(own)
@@ -343,44 +278,14 @@ def _layer_chunks(index, plans, pending, opts):
 
 
 def _finish(index, job, output, opts, started):
-    extracted, new_skipped = _collect(index, output.parts_dir, output.chunks)
-    if not extracted and not new_skipped and _unchanged(index, output.plan, output.old):
-        result = _untouched(output.path, output.old, started)  # its mtime stays: later stages reuse their work
+    extracted, new_skipped = collect_parts(index, output.parts_dir, output.chunks)
+    if not extracted and not new_skipped and unchanged(index, output.plan, output.old):
+        result = untouched(output.path, output.old, started)  # its mtime stays: later stages reuse their work
     else:
-        result = _assemble(index, output.plan, output.old, extracted, new_skipped, output.path, output.spec,
+        result = assemble(index, output.plan, output.old, extracted, new_skipped, output.path, output.spec,
                            job.model, opts, started, output.n_resumed, job.engines_used)
     shutil.rmtree(output.parts_dir, ignore_errors=True)
     return result
-
-
-def _unchanged(index, plan, old):
-    """True when the file would be written again with exactly the rows it holds."""
-    if old is None or plan.refreshed or str(old.attrs.get("data_root", "")) != str(index.root):
-        return False
-    if sorted(plan.keep.values()) != list(range(len(old.paths))):
-        return False
-    if any(old.split[row] != plan.split[pos] for pos, row in plan.keep.items()):
-        return False
-    return _skipped_rows(index, plan, {}) == sorted(
-        (path, reason, int(size), int(mtime)) for (path, reason), (size, mtime) in zip(old.skipped, old.skipped_stat))
-
-
-def _untouched(path, old, started):
-    n_skipped = len(old.skipped)
-    return ExtractResult(path=path, n_rows=len(old.paths), n_extracted=0, n_kept=len(old.paths),
-                         n_skipped=n_skipped, n_new_skipped=0, seconds=time.time() - started,
-                         duplicate_groups=int(old.attrs.get("duplicate_groups", 0)),
-                         duplicate_leaks=int(old.attrs.get("duplicate_leaks", 0)))
-
-
-def _remove_leftovers(path, parts_dir):
-    """Temporary files of writers killed before they could rename them (we hold the lock)."""
-    removed = remove_stale_temps(path.parent, f".{path.name}")
-    if parts_dir.is_dir():
-        removed += remove_stale_temps(parts_dir)
-    if removed:
-        warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
-                      f"{removed[0]}", stacklevel=4)
 
 
 def _verify_written(path, spec, opts):
@@ -396,461 +301,12 @@ def _verify_written(path, spec, opts):
         print(checked.summary(), file=sys.stderr)
 
 
-def _existing_file(path, identity, overwrite):
-    """The old file's rows (without features) when it can be extended, else None."""
-    if not path.exists() or overwrite:
-        return None
-    try:
-        old = load(path, features=False)
-    except DataError as err:
-        raise UsageError(f"{err}; pass --overwrite to replace it") from None
-    made = {**OLD_DEFAULTS, **old.attrs}
-    changed = [f"{k}={made.get(k)!r} (now {v!r})" for k, v in identity.items()
-               if str(made.get(k, "")) != str(v)]
-    if changed:
-        raise UsageError(f"'{path}' was made with other settings: {', '.join(changed)}; pass the "
-                         "same options, --overwrite to replace it or --out to write elsewhere")
-    return old
-
-
-@dataclass
-class _Plan:
-    stats: list          # (size, mtime_ns) or None per index entry
-    keep: dict           # index position -> old row
-    keep_skipped: dict   # index position -> (reason, size, mtime)
-    refreshed: dict      # index position -> (size, mtime) for kept rows whose stat changed
-    pending: list        # index positions to extract
-    split: list          # split per index entry
-
-
-def _plan(index, old, out_dir, path, opts):
-    stats = []
-    for rel in index.paths:
-        try:
-            stats.append(file_stat(index.absolute(rel)))
-        except OSError:
-            stats.append(None)
-    keep, keep_skipped, refreshed, pending = {}, {}, {}, []
-    old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
-    old_skips = {}
-    if old is not None:
-        for (p, reason), (size, mtime) in zip(old.skipped, old.skipped_stat):
-            old_skips[p] = (reason, int(size), int(mtime))
-    for pos, rel in enumerate(index.paths):
-        stat = stats[pos]
-        if stat is None:  # listed (e.g. in a CSV) but missing: recorded as skipped
-            continue
-        row = old_rows.get(rel)
-        if stat is not None and row is not None:
-            if (int(old.file_size[row]), int(old.mtime_ns[row])) == stat:
-                keep[pos] = row
-                continue
-            if _same_content(index.absolute(rel), old.sha1[row]):
-                keep[pos], refreshed[pos] = row, stat
-                continue
-        if (stat is not None and rel in old_skips and old_skips[rel][1:] == stat
-                and not old_skips[rel][0].startswith(TIMEOUT_REASON)):  # a timeout may not recur: retried
-            keep_skipped[pos] = old_skips[rel]
-            continue
-        pending.append(pos)
-    split = _splits(index, old, keep, out_dir, path, opts)
-    return _Plan(stats, keep, keep_skipped, refreshed, pending, split)
-
-
-def _same_content(abs_path, old_sha1):
-    return file_sha1(abs_path) == old_sha1
-
-
-
-def _splits(index, old, keep, out_dir, path, opts):
-    """Splits: given by the layout, else kept from this file or its siblings, else assigned."""
-    if index.given_split is not None:
-        return list(index.given_split)
-    known = {}
-    for sibling in sorted(Path(out_dir).glob("*.h5")):
-        if sibling == path:
-            continue
-        try:
-            other = load(sibling, features=False)
-        except Exception:
-            continue
-        if other.attrs.get("seed") == opts.seed and other.attrs.get("split_source") == "assigned":
-            known.update(zip(other.paths, other.split))
-    if old is not None:
-        known.update({index.paths[pos]: old.split[row] for pos, row in keep.items()})
-    known = {p: s for p, s in known.items()}
-    return assign_split(index.paths, index.labels, test_size=opts.test_size,
-                        val_size=opts.val_size, seed=opts.seed, known=known)
-
-
-def _part_name(k, members, index, stats):
-    """Chunk ``k``'s part file, named by a digest of the images it holds."""
-    digest = hashlib.sha1("\n".join(f"{index.paths[p]}|{stats[p]}" for p in members).encode()).hexdigest()[:16]
-    return f"part-{k:06d}-{digest}.npz"
-
-
-def _valid_part(part_path, index, members, keys):
-    """A part's ``keys`` when it holds exactly the images of ``members`` (by path), else None.
-
-    Parts store paths, not index positions: a part made before the folder changed (an image
-    added or removed shifts every position) is used for the same images or not at all.
-    """
-    part = load_part(part_path, keys=tuple(dict.fromkeys(("paths", "bad_paths") + tuple(keys))))
-    if part is None:
-        return None
-    held = [str(p) for p in part["paths"]] + [str(p) for p in part["bad_paths"]]
-    if sorted(held) != sorted(index.paths[p] for p in members):
-        return None
-    return part
-
-
-def _progress(total, desc, quiet):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True,
-                file=sys.stderr, smoothing=0.1)
-
-
-def _run_local(index, jobs, opts):
-    """Read every image some backbone still needs once, and push it into each such backbone's chunk."""
-    active = [job for job in jobs if job.todo]
-    n_pending = sum(job.n_pending for job in jobs)
-    bar = _progress(n_pending, "+".join(job.spec.backbone for job in jobs), opts.quiet)
-    bar.update(n_pending - sum(len(m) for job in active for m, _ in job.todo))
-    if not active:  # every chunk is on disk: no engine to build (nor to record in the file)
-        bar.close()
-        return
-    feeds = [_Feed(job, index, opts, bar) for job in active]
-    wanted_by = {}  # index position -> the feeds that need it, in feed order
-    for feed in feeds:
-        for pos in feed.positions:
-            wanted_by.setdefault(pos, []).append(feed)
-    order = sorted(wanted_by)
-    targets = {index.absolute(index.paths[p]): tuple(f.target for f in wanted_by[p]) for p in order}
-    parallel = [f.job.model.engine.parallel for f in feeds if f.per_image]
-    stream = read_images(list(targets), targets.__getitem__, max_pixels=opts.max_pixels,
-                         workers=opts.workers or (max(parallel) if parallel else None))
-    try:
-        for pos, item in zip(order, stream):
-            for slot, feed in enumerate(wanted_by[pos]):
-                feed.add(item if isinstance(item, ImageError) else (item.outputs[slot], item.sha1))
-    finally:
-        stream.close()
-        bar.close()
-    for job in active:
-        job.engines_used.add(job.model.engine_used)
-
-
-class _Feed:
-    """One backbone's unfinished chunks, filled image by image in order; each full chunk is saved
-    as a part of every file that misses it (each keeping its own layer and images)."""
-
-    def __init__(self, job, index, opts, bar):
-        self.job, self.index, self.opts, self.bar = job, index, opts, bar
-        model = job.model
-        self.per_image = model.per_image  # then the network runs in the reader's threads
-        self.target = job.spec.target(then=model.one if self.per_image else None)
-        self.featurize = _stacked_features if self.per_image else model
-        self.positions = [p for members, _ in job.todo for p in members]
-        self.chunks = deque(job.todo)
-        self._start_chunk()
-
-    def _start_chunk(self):
-        self.builder = None
-        if self.chunks:
-            members, self.saves = self.chunks.popleft()
-            self.builder = _ChunkBuilder([self.index.paths[p] for p in members], self.featurize,
-                                         self.opts.batch_size, self.bar)
-
-    def add(self, item):
-        self.builder.add(item)
-        if self.builder.complete:
-            layer_parts = self.builder.parts(len(self.job.outputs))
-            for output, name, own in self.saves:
-                wanted = {self.index.paths[p] for p in own}
-                part = layer_parts[self.job.outputs.index(output)]
-                save_part(output.parts_dir / name, **_part_of(part, wanted))
-            self._start_chunk()
-
-
-def _part_of(part, wanted):
-    """The rows and skips of ``part`` whose paths are in ``wanted``."""
-    ok = np.array([str(p) in wanted for p in part["paths"]], dtype=bool)
-    bad = np.array([str(p) in wanted for p in part["bad_paths"]], dtype=bool)
-    return {"paths": part["paths"][ok], "features": part["features"][ok], "sha1": part["sha1"][ok],
-            "bad_paths": part["bad_paths"][bad], "bad_reasons": part["bad_reasons"][bad]}
-
-
 def _dask_session(address):
     if address is None:
         return contextlib.nullcontext()
     from .distributed import session
 
     return session(address)
-
-
-def _run_chunks_on_dask(index, job, opts):
-    """One backbone's unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed).
-
-    One layer only (``_validate`` refuses several with ``--dask``): a job has one file.
-    """
-    from .distributed import chunk_jobs, run_chunks
-
-    (output,) = job.outputs
-    todo = [(name, own) for _, saves in job.todo for _, name, own in saves]
-    bar = _progress(job.n_pending, job.spec.backbone, opts.quiet)
-    bar.update(job.n_pending - sum(len(m) for _, m in todo))
-    if not todo:
-        bar.close()
-        return
-    tasks = chunk_jobs(todo, index=index, model=job.model, parts_dir=output.parts_dir, opts=opts)
-    try:
-        job.engines_used.update(run_chunks(opts.dask, tasks, bar=bar, extract_chunk=_extract_chunk,
-                                           quiet=opts.quiet))
-    finally:
-        bar.close()
-
-
-def _prepare_parts_dir(parts_dir, identity):
-    marker = parts_dir / "settings.json"
-    import json
-
-    if parts_dir.exists():
-        try:
-            same = json.loads(marker.read_text()) == identity
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        write_json_atomic(marker, identity)
-
-
-def _stacked_features(rows):
-    return rows
-
-
-class _ChunkBuilder:
-    """Features of one chunk, fed one image at a time in order.
-
-    Batches never cross chunk boundaries (a resumed run repeats them exactly). ``featurize`` maps
-    a batch's stacked items to features: the FeatureModel for images, ``_stacked_features`` when
-    the items already are feature rows. An item is ``(array, sha1)`` or an ImageError; with a
-    multi-layer model the array is a list (one row per layer) and ``featurize`` returns a list.
-    """
-
-    def __init__(self, member_paths, featurize, batch_size, bar):
-        self.paths = list(member_paths)
-        self.featurize, self.batch_size, self.bar = featurize, batch_size, bar
-        self.n_added = self.n_counted = 0
-        self.batch, self.batch_paths, self.batch_sha1 = [], [], []
-        self.ok_paths, self.feats, self.sha1s, self.bad_paths, self.reasons = [], [], [], [], []
-
-    @property
-    def complete(self):
-        return self.n_added == len(self.paths)
-
-    def add(self, item):
-        path = self.paths[self.n_added]
-        self.n_added += 1
-        if isinstance(item, ImageError):
-            self.bad_paths.append(path)
-            self.reasons.append(str(item))
-        else:
-            self.batch.append(item[0])
-            self.batch_paths.append(path)
-            self.batch_sha1.append(item[1])
-        if self.n_added % self.batch_size == 0 or self.complete:
-            self._flush()
-
-    def _flush(self):
-        if self.batch:
-            if isinstance(self.batch[0], list):  # per-layer rows of a multi-layer model
-                out = self.featurize([np.stack(rows) for rows in zip(*self.batch)])
-            else:
-                out = self.featurize(np.stack(self.batch))
-            self.feats.append(out if isinstance(out, list) else [out])
-            self.ok_paths += self.batch_paths
-            self.sha1s += self.batch_sha1
-        self.bar.update(self.n_added - self.n_counted)
-        self.n_counted = self.n_added
-        self.batch, self.batch_paths, self.batch_sha1 = [], [], []
-
-    def parts(self, n_layers=1):
-        """One part per layer, each with all the chunk's images."""
-        by_layer = list(zip(*self.feats)) or [()] * n_layers
-        return [{
-            "paths": np.array(self.ok_paths, dtype=str),
-            "features": np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
-            "sha1": np.array(self.sha1s, dtype="U40"),
-            "bad_paths": np.array(self.bad_paths, dtype=str),
-            "bad_reasons": np.array(self.reasons, dtype=str),
-        } for feats in by_layer]
-
-    def part(self):
-        (part,) = self.parts()
-        return part
-
-
-def _extract_chunk(member_paths, stream, featurize, batch_size, bar):
-    """A chunk's part (see ``_ChunkBuilder``) from a stream of ``(array, sha1)`` or ImageError."""
-    builder = _ChunkBuilder(member_paths, featurize, batch_size, bar)
-    for _ in member_paths:
-        builder.add(next(stream))
-    return builder.part()
-
-
-def _collect(index, parts_dir, chunks):
-    """The part files that hold rows, and {index position: reason} of the unreadable images."""
-    position = {p: i for i, p in enumerate(index.paths)}
-    with_rows, skipped = [], {}
-    for name, members in chunks:
-        part = _valid_part(parts_dir / name, index, members, ("bad_reasons",))
-        if part is None:
-            raise DataError(f"part file '{parts_dir / name}' vanished or is damaged; run the same command again")
-        skipped.update((position[str(p)], str(r)) for p, r in zip(part["bad_paths"], part["bad_reasons"]))
-        if len(part["paths"]):
-            with_rows.append(parts_dir / name)
-    return with_rows, skipped
-
-
-def _assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed,
-              engines_used):
-    """Write the final file: kept rows from the old file and the new parts, sorted by path."""
-    position = {p: i for i, p in enumerate(index.paths)}
-    part_positions = [[position[str(p)] for p in load_part(part, keys=("paths",))["paths"]] for part in parts]
-    good_positions = sorted(set(plan.keep) | {p for positions in part_positions for p in positions})
-    if not good_positions:
-        reasons = sorted(set(new_skipped.values()))[:3]
-        raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
-                        f"{'; '.join(reasons)})")
-    dim = load_part(parts[0])["features"].shape[1] if parts else int(old.attrs["feature_dim"])
-    row_of = {pos: r for r, pos in enumerate(good_positions)}
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    writer = FeatureFileWriter(path, n_rows=len(good_positions), dim=dim,
-                               class_names=index.class_names,
-                               attrs=_attrs(index, spec, model, opts, dim, old, now, engines_used))
-    try:
-        _write_kept(writer, index, plan, old, row_of)
-        for part in parts:
-            _write_part(writer, index, plan, load_part(part), row_of, position)
-        skipped = _skipped_rows(index, plan, new_skipped)
-        writer.write_skipped(skipped)
-        dup_groups, dup_leaks = _duplicates(writer)
-        writer.set_attrs(n_rows=len(good_positions), n_skipped=len(skipped),
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    n_new = sum(len(p) for p in part_positions)
-    return ExtractResult(path=path, n_rows=len(good_positions), n_extracted=n_new,
-                         n_kept=len(plan.keep), n_skipped=len(skipped),
-                         n_new_skipped=len(new_skipped), seconds=time.time() - started,
-                         duplicate_groups=dup_groups, duplicate_leaks=dup_leaks, n_resumed=n_resumed,
-                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
-
-
-def _row_fields(index, plan, positions):
-    return dict(labels=index.labels[positions], paths=[index.paths[p] for p in positions],
-                split=[plan.split[p] for p in positions],
-                file_size=[plan.stats[p][0] for p in positions],
-                mtime_ns=[plan.stats[p][1] for p in positions])
-
-
-def _write_kept(writer, index, plan, old, row_of):
-    if not plan.keep:
-        return
-    from .store import iter_feature_blocks
-
-    pos_of_old = {row: pos for pos, row in plan.keep.items()}
-    for old_rows, feats in iter_feature_blocks(old.source, sorted(pos_of_old)):
-        positions = [pos_of_old[int(r)] for r in old_rows]
-        writer.write_rows([row_of[p] for p in positions], features=feats,
-                          sha1=[old.sha1[r] for r in old_rows], **_row_fields(index, plan, positions))
-
-
-def _write_part(writer, index, plan, part, row_of, position):
-    positions = [position[str(p)] for p in part["paths"]]
-    writer.write_rows([row_of[p] for p in positions], features=part["features"],
-                      sha1=list(part["sha1"]), **_row_fields(index, plan, positions))
-
-
-def _skipped_rows(index, plan, new_skipped):
-    rows = [(index.paths[pos], reason, size, mtime) for pos, (reason, size, mtime) in plan.keep_skipped.items()]
-    rows += [(index.paths[pos], reason, *plan.stats[pos]) for pos, reason in new_skipped.items()]
-    rows += [(rel, "file not found or not readable", -1, -1)
-             for rel, st in zip(index.paths, plan.stats) if st is None]
-    return sorted(rows)
-
-
-def _duplicates(writer):
-    """Count byte-identical images (groups) and those that span splits (leaks); warn about them."""
-    f = writer.file
-    sha1 = f["sha1"].asstr()[()]
-    split = f["split"].asstr()[()]
-    paths = f["paths"].asstr()[()]
-    groups = {}
-    for i, h in enumerate(sha1):
-        groups.setdefault(h, []).append(i)
-    dups = [g for g in groups.values() if len(g) > 1]
-    leaks = [g for g in dups if len({split[i] for i in g}) > 1]
-    if dups:
-        example = ", ".join(paths[i] for i in (leaks or dups)[0])
-        warnings.warn(f"{len(dups)} groups of byte-identical images ({len(leaks)} across splits, "
-                      f"which leaks test answers into training), e.g. {example}", stacklevel=2)
-    return len(dups), len(leaks)
-
-
-def _versions():
-    """(TensorFlow, Keras) versions from package metadata: a LiteRT run need not import either."""
-    from importlib import metadata
-
-    try:
-        keras_version = metadata.version("keras")
-    except metadata.PackageNotFoundError:
-        import keras
-
-        keras_version = keras.__version__
-    return tensorflow_version(), keras_version
-
-
-def _engine_attr(model, old, engines_used):
-    """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
-    names = set(engines_used) - {None}  # empty: no new rows
-    if old is not None:
-        names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
-    return "+".join(sorted(names)) or _engine_without_building(model)
-
-
-def _engine_without_building(model):
-    """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
-    from .engines import auto_choice_without_building
-
-    if model.engine_name != "auto":
-        return model.engine_name
-    return auto_choice_without_building(model.spec) or model.engine.name
-
-
-def _attrs(index, spec, model, opts, dim, old, now, engines_used):
-    tf_version, keras_version = _versions()
-    attrs = spec.attrs()
-    attrs.update(
-        feature_dim=dim,
-        engine=_engine_attr(model, old, engines_used),
-        featurepipe_version=__version__,
-        tensorflow_version=tf_version,
-        keras_version=keras_version,
-        data_root=str(index.root),
-        seed=opts.seed,
-        test_size=opts.test_size,
-        val_size=opts.val_size,
-        split_source="given" if index.given_split is not None else "assigned",
-        created=(old.attrs.get("created") if old is not None else None) or now,
-        updated=now,
-    )
-    return attrs
 
 
 # --------------------------------------------------------------------------- CLI
@@ -937,7 +393,6 @@ def main(argv=None):
                    verify=0 if args.no_verify else EXTRACT_SAMPLE)
     extract(args.data, args.backbone or DEFAULT_BACKBONES, out=args.out, **options)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import shutil
 import signal
 import sys
 
+from featurepipe import chunks, planning, store
 from featurepipe import extract as ex
-from featurepipe import store
 
 settings = json.loads(sys.argv[1])
 count = 0
@@ -35,8 +35,9 @@ def hooked(func):
     return call
 
 
-ex.save_part = hooked(ex.save_part)
-ex.write_json_atomic = hooked(ex.write_json_atomic)
+chunks.save_part = hooked(chunks.save_part)
+planning.write_json_atomic = hooked(planning.write_json_atomic)  # the parts folder's settings
+ex.write_json_atomic = hooked(ex.write_json_atomic)  # the latest-run record
 store.FeatureFileWriter.write_rows = hooked(store.FeatureFileWriter.write_rows)
 store.FeatureFileWriter.commit = hooked(store.FeatureFileWriter.commit)
 shutil.rmtree = hooked(shutil.rmtree)

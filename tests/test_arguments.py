@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_dataset, make_image
-from featurepipe import compare, extract, fit, predict, verify
+from featurepipe import chunks, compare, extract, fit, predict, verify
 from featurepipe.cli import run_main
 from featurepipe.errors import DataError, UsageError
 
@@ -130,7 +130,7 @@ def test_a_timed_out_image_is_retried_by_the_next_run(tiny_data, tiny_model_path
     args = dict(out=tmp_path / "out", preprocess="scale", engine="tf", quiet=True, verify=0)
     with monkeypatch.context() as mp:
         mp.setattr(reader, "read_image", hang_once)
-        mp.setattr(extract, "read_images", functools.partial(reader.read_images, timeout=0.5))
+        mp.setattr(chunks, "read_images", functools.partial(reader.read_images, timeout=0.5))
         [first] = extract.extract(tiny_data, [f"file:{tiny_model_path}"], **args)
     release.set()
     assert first.n_rows == 17 and [p for p, _ in load(first.path).skipped] == ["red/img_000.png"]

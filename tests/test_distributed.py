@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-import featurepipe.extract as extract_module
+import featurepipe.assemble as assemble_module
+import featurepipe.chunks as chunks_module
 from featurepipe.distributed import joblib_backend, parse_address
 from featurepipe.errors import UsageError
 from featurepipe.extract import extract, main
@@ -27,7 +28,7 @@ from conftest import make_dataset
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CHUNK = dict(chunk_size=4, batch_size=3)       # 25 images -> 7 chunks, batches of 3 + 1
-ORIGINAL_CHUNK = extract_module._extract_chunk
+ORIGINAL_CHUNK = chunks_module.extract_chunk
 TIMESTAMPS = {"created", "updated"}
 
 
@@ -77,7 +78,7 @@ def _assert_same_file(path, ref_path):
 
 
 def _logged_chunk(members, stream, model, batch_size, bar, *, log, kill_marker=None, fail_at=None):
-    """``_extract_chunk`` that logs start/end (first path) per chunk, and can die or fail on request."""
+    """``extract_chunk`` that logs start/end (first path) per chunk, and can die or fail on request."""
     with open(log, "a") as fh:
         fh.write(f"start {members[0]} {os.getpid()}\n")
     if kill_marker is not None:
@@ -103,7 +104,7 @@ def _log(path, kind):
 
 def _patch_chunk(monkeypatch, tmp_path, **kwargs):
     log = tmp_path / "chunks.log"
-    monkeypatch.setattr(extract_module, "_extract_chunk",
+    monkeypatch.setattr(chunks_module, "extract_chunk",
                         functools.partial(_logged_chunk, log=str(log), **kwargs))
     return log
 
@@ -135,7 +136,7 @@ def test_sharded_extraction_equals_single_process(cluster, tiny, tmp_path, monke
     def guess(model):
         raise AssertionError("the engine attribute must be the one the workers returned, not a guess")
 
-    monkeypatch.setattr(extract_module, "_engine_without_building", guess)
+    monkeypatch.setattr(assemble_module, "_engine_without_building", guess)
     [result] = extract(data, [backbone], out=tmp_path / "dask", preprocess="scale", dask=cluster,
                        **CHUNK)
     _assert_same_file(result.path, ref_path)  # the engine attribute included

@@ -1,6 +1,7 @@
 import io
 import os
 import shutil
+import warnings
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import pytest
 from PIL import Image
 
 from conftest import COLORS, make_dataset, make_image
+from featurepipe import chunks as chunks_module
 from featurepipe import extract as extract_module
 from featurepipe.cli import run_main
 from featurepipe.errors import DataError, UsageError
-from featurepipe.extract import _Lock, extract, latest_pointer, main
+from featurepipe.extract import extract, latest_pointer, main
+from featurepipe.planning import OutputLock
 from featurepipe.store import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +92,7 @@ def test_resume_after_crash_redoes_only_missing_chunks(tmp_path, tiny_model_path
     data = make_dataset(tmp_path / "d", n_per_class=10)
     clean = _run(data, tiny_model_path, tmp_path / "clean", chunk_size=4, batch_size=2)
     saved = []
-    real = extract_module.save_part
+    real = chunks_module.save_part
 
     def crashing(path, **part):
         if len(saved) == 3:
@@ -97,13 +100,13 @@ def test_resume_after_crash_redoes_only_missing_chunks(tmp_path, tiny_model_path
         saved.append(Path(path).name)
         return real(path, **part)
 
-    monkeypatch.setattr(extract_module, "save_part", crashing)
+    monkeypatch.setattr(chunks_module, "save_part", crashing)
     with pytest.raises(RuntimeError, match="simulated"):
         _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
     assert not (tmp_path / "resumed" / "tiny.h5").exists()
     assert len(list((tmp_path / "resumed" / ".tiny.parts").glob("part-*.npz"))) == 3
     redone = []
-    monkeypatch.setattr(extract_module, "save_part",
+    monkeypatch.setattr(chunks_module, "save_part",
                         lambda path, **part: redone.append(Path(path).name) or real(path, **part))
     result = _run(data, tiny_model_path, tmp_path / "resumed", chunk_size=4, batch_size=2)
     assert len(redone) == 5 and not set(redone) & set(saved)  # 30 images / 4 = 8 chunks
@@ -118,11 +121,11 @@ def test_kill_9_mid_run_then_rerun_equals_clean_run(tmp_path, tiny_model_path):
     out = tmp_path / "killed"
     script = (
         "import sys, time\n"
-        "from featurepipe import extract as e\n"
-        "real = e.save_part\n"
+        "from featurepipe import chunks, extract as e\n"
+        "real = chunks.save_part\n"
         "def slow(*a, **k):\n"
         "    r = real(*a, **k); time.sleep(0.4); return r\n"
-        "e.save_part = slow\n"
+        "chunks.save_part = slow\n"
         f"e.extract({str(data)!r}, ['file:{tiny_model_path}'], out={str(out)!r}, preprocess='scale',"
         " quiet=True, chunk_size=4, batch_size=4)\n"
     )
@@ -188,7 +191,7 @@ def test_other_settings_refused_unless_overwrite(tiny_data, tiny_model_path, tmp
 def test_second_writer_is_refused(tiny_data, tiny_model_path, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    with _Lock(out / ".tiny.h5.lock"):
+    with OutputLock(out / ".tiny.h5.lock"):
         with pytest.raises(UsageError, match="another featurepipe run"):
             _run(tiny_data, tiny_model_path, out)
 
@@ -235,7 +238,7 @@ def test_bad_files_are_skipped_recorded_and_odd_ones_used(tiny_data, tiny_model_
 def test_duplicates_are_reported(tiny_data, tiny_model_path, tmp_path, monkeypatch):
     # Record the warning at its source: TensorFlow/absl may route warnings to logging.
     caught = []
-    monkeypatch.setattr(extract_module.warnings, "warn", lambda message, *a, **k: caught.append(str(message)))
+    monkeypatch.setattr(warnings, "warn", lambda message, *a, **k: caught.append(str(message)))
     shutil.copy(tiny_data / "red" / "img_000.png", tiny_data / "red" / "copy.png")
     result = _run(tiny_data, tiny_model_path, tmp_path / "out")
     assert result.duplicate_groups == 1

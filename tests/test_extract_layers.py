@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featurepipe.extract as extract_module
+import featurepipe.chunks as chunks_module
 from conftest import make_dataset
 from featurepipe.compare import compare
 from featurepipe.engines import FeatureModel
@@ -41,8 +41,8 @@ def forward_images(monkeypatch):
 def saved_parts(monkeypatch):
     """The part files written, as (parts folder name, part name)."""
     saved = []
-    real = extract_module.save_part
-    monkeypatch.setattr(extract_module, "save_part",
+    real = chunks_module.save_part
+    monkeypatch.setattr(chunks_module, "save_part",
                         lambda path, **part: saved.append((Path(path).parent.name, Path(path).name))
                         or real(path, **part))
     return saved
@@ -88,7 +88,7 @@ def test_resume_after_a_crash_redoes_only_missing_parts_of_each_layer(tmp_path, 
     data = make_dataset(tmp_path / "d", n_per_class=10)
     clean = _run(data, tiny_model_path, tmp_path / "clean", LAYERS)
     saved = []
-    real = extract_module.save_part
+    real = chunks_module.save_part
 
     def crashing(path, **part):
         if len(saved) == 3:  # chunk 0 of both files and chunk 1 of the first are on disk
@@ -96,12 +96,12 @@ def test_resume_after_a_crash_redoes_only_missing_parts_of_each_layer(tmp_path, 
         saved.append(Path(path))
         return real(path, **part)
 
-    monkeypatch.setattr(extract_module, "save_part", crashing)
+    monkeypatch.setattr(chunks_module, "save_part", crashing)
     with pytest.raises(RuntimeError, match="simulated"):
         _run(data, tiny_model_path, tmp_path / "resumed", LAYERS)
     assert [p.parent.name for p in saved] == [".tiny@conv_b.parts", ".tiny@pool_a.parts", ".tiny@conv_b.parts"]
     redone = []
-    monkeypatch.setattr(extract_module, "save_part", lambda path, **part: redone.append(Path(path)) or real(path, **part))
+    monkeypatch.setattr(chunks_module, "save_part", lambda path, **part: redone.append(Path(path)) or real(path, **part))
     forward_images.clear()
     resumed = _run(data, tiny_model_path, tmp_path / "resumed", LAYERS)
     assert len(redone) == 1 + 2 * 6 and not set(redone) & set(saved)  # 30 images / 4 = 8 chunks

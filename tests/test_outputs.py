@@ -99,7 +99,7 @@ def _crash_before_the_file_is_written(monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed before assembling")
 
-    monkeypatch.setattr(extract_module, "_assemble", crash)
+    monkeypatch.setattr(extract_module, "assemble", crash)
 
 
 def test_a_rerun_after_a_kill_removes_leftovers_and_tells_the_truth(tiny_data, tiny_model_path, tmp_path,

@@ -68,7 +68,7 @@ def test_dask_chunk_worker(world, tiny_model_path, tmp_path):
     from featurepipe.backbones import get_backbone
     from featurepipe.settings import make_spec
     from featurepipe.distributed import ChunkJob, run_chunk_job
-    from featurepipe.extract import _extract_chunk
+    from featurepipe.chunks import extract_chunk
 
     data, _, _, verdicts = world
     spec, resolved = make_spec(get_backbone(f"file:{tiny_model_path}", preprocess_mode="scale"), decode="scaled")
@@ -76,7 +76,7 @@ def test_dask_chunk_worker(world, tiny_model_path, tmp_path):
                    abs_paths=tuple(str(data / p) for p in BAD + ("red/img_000.png",)),
                    backbone=f"file:{tiny_model_path}", spec=spec, resolved=resolved, engine="tf",
                    batch_size=2, decode_workers=None, max_pixels=10**8)
-    bounded(lambda: run_chunk_job(job, _extract_chunk))
+    bounded(lambda: run_chunk_job(job, extract_chunk))
     part = load_part(tmp_path / "part.npz")
     assert list(part["paths"]) == ["red/img_000.png"]
     assert dict(zip(part["bad_paths"], part["bad_reasons"])) == {f"red/{n}": v for n, v in verdicts.items()}
