@@ -33,11 +33,15 @@ def _make_one(job):
     big = np.asarray(Image.open(src).convert("RGB").resize(LARGE, Image.BICUBIC), dtype=np.int16)
     noisy = np.clip(big + rng.normal(0, 3, big.shape).astype(np.int16), 0, 255).astype(np.uint8)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(noisy).save(dst, quality=90)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")  # a killed --make leaves no cut-short photo
+    Image.fromarray(noisy).save(tmp, format="JPEG", quality=90)
+    os.replace(tmp, dst)
 
 
 def make_photos(out, n, data=DEFAULT_DATA):
-    """``n`` 12 MP JPEGs in ``out/<class>/`` made from photos picked evenly from ``data``."""
+    """``n`` 12 MP JPEGs in ``out/<class>/`` made from photos picked evenly from ``data``; photos
+    already there are kept (each is written under a temporary name and renamed, so one that exists
+    is whole), temporary files of a killed run are removed."""
     from multiprocessing import Pool
 
     from featurepipe.images import list_images
@@ -46,6 +50,8 @@ def make_photos(out, n, data=DEFAULT_DATA):
     step = max(1, len(index) // n)
     picked = index.paths[::step][:n]
     jobs = [(index.absolute(p), Path(out) / Path(p).with_suffix(".jpg"), i) for i, p in enumerate(picked)]
+    for stale in Path(out).glob("*/.*.tmp-*"):
+        stale.unlink()
     with Pool(os.cpu_count() or 1) as pool:
         pool.map(_make_one, [j for j in jobs if not j[1].exists()])
     return len(jobs)

@@ -18,7 +18,7 @@ from .settings import make_spec
 from .engines import FeatureModel
 from .errors import ImageError, UsageError
 from .reader import DEFAULT_DECODE, file_stat, read_images, resize_array
-from .store import read_cached_features, write_cached_features
+from .store import append_cached_features, read_cached_features
 
 # One network per (backbone, spec, engine) and process: every clone GridSearchCV makes shares it.
 _MODELS = {}
@@ -184,7 +184,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         if missing:
             new = self._from_files([k[0] for k in missing])
             known.update(zip(missing, new))
-            write_cached_features(self.cache, settings, known)
+            append_cached_features(self.cache, settings, dict(zip(missing, new)))
         return np.stack([known[k] for k in keys]) if keys else self._from_files([])
 
 

@@ -240,8 +240,9 @@ class FeatureFileWriter:
     ``DiskFullError`` (the old file, if any, is untouched).
     """
 
-    def __init__(self, path, *, n_rows, dim, class_names, attrs):
+    def __init__(self, path, *, n_rows, dim, class_names, attrs, resizable=False):
         self.path = Path(path)
+        self.resizable = resizable  # every row dataset can grow (the transformer cache appends)
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.n_rows = n_rows
         check_free_space(self.path.parent, n_rows * (4 * dim + ROW_BYTES) + (1 << 20))
@@ -256,13 +257,16 @@ class FeatureFileWriter:
         self.file = h5py.File(self.tmp_path, "w")
         f = self.file
         chunk_rows = max(1, min(n_rows or 1, (1 << 20) // max(4 * dim, 1)))
+        if self.resizable:  # appended a batch at a time: chunks of a batch's size, not the file's
+            chunk_rows = max(1, min(256, (1 << 20) // max(4 * dim, 1)))
         f.create_dataset("features", shape=(n_rows, dim), maxshape=(None, dim), dtype="f4",
-                         chunks=(chunk_rows, dim) if n_rows else None)
-        f.create_dataset("labels", shape=(n_rows,), dtype="i4")
+                         chunks=(chunk_rows, dim) if n_rows or self.resizable else None)
+        rows = dict(maxshape=(None,), chunks=(1024,)) if self.resizable else {}
+        f.create_dataset("labels", shape=(n_rows,), dtype="i4", **rows)
         for name in ("paths", "split", "sha1"):
-            f.create_dataset(name, shape=(n_rows,), dtype=STR)
+            f.create_dataset(name, shape=(n_rows,), dtype=STR, **rows)
         for name in ("file_size", "mtime_ns"):
-            f.create_dataset(name, shape=(n_rows,), dtype="i8")
+            f.create_dataset(name, shape=(n_rows,), dtype="i8", **rows)
         f.create_dataset("class_names", data=np.array(class_names, dtype=object), dtype=STR)
         for key, value in attrs.items():
             f.attrs[key] = value if value is not None else ""
@@ -374,38 +378,89 @@ def write_json_atomic(path, obj):
 # ``CNNFeatures(cache=PATH)`` keeps a feature file of this same layout: ``paths`` hold absolute
 # paths, ``file_size``/``mtime_ns`` their stat when read, ``labels`` -1, ``split`` "cache", no
 # classes, and the attrs the extraction settings. A row is reused only for the same path, size,
-# mtime and settings; other settings replace the file.
+# mtime and settings. New rows are appended in place (every row dataset is resizable), so a batch
+# costs its own rows, not the whole file again; the attribute ``cache_rows``, written after the
+# rows, says how many rows are complete (a writer killed mid-append leaves rows past it, which
+# are ignored and overwritten). A file made with other settings, or one that cannot be read, is
+# replaced by a new one, written atomically.
 
 CACHE_SPLIT = "cache"
+CACHE_ROWS = "cache_rows"
 
 
 def read_cached_features(cache_path, settings):
     """{(abs path, size, mtime_ns): features (D,)} of a transformer cache written with ``settings``
-    (empty when the file is missing, unreadable or made with other settings)."""
+    (empty when the file is missing, unreadable or made with other settings; a later row of the
+    same key wins)."""
     try:
-        f = load(cache_path)
-    except DataError:
+        with h5py.File(cache_path, "r") as f:
+            if not _same_settings(f, settings):
+                return {}
+            n = _committed_rows(f)
+            keys = zip(f["paths"].asstr()[:n], f["file_size"][:n], f["mtime_ns"][:n])
+            return dict(zip(((str(p), int(s), int(m)) for p, s, m in keys), f["features"][:n]))
+    except (OSError, KeyError, ValueError):
         return {}
-    if {k: str(v) for k, v in settings.items()} != {k: str(f.attrs.get(k)) for k in settings}:
-        return {}
-    keys = ((str(p), int(s), int(m)) for p, s, m in zip(f.paths, f.file_size, f.mtime_ns))
-    return dict(zip(keys, f.X))
 
 
-def write_cached_features(cache_path, settings, rows):
-    """Atomically write a transformer cache of ``rows``: {(abs path, size, mtime_ns): features (D,)}."""
+def append_cached_features(cache_path, settings, rows):
+    """Add ``rows`` ({(abs path, size, mtime_ns): features (D,)}) to a transformer cache.
+
+    Appends in place when the file holds these settings and feature size; otherwise (no file, other
+    settings, unreadable) writes a new file with just these rows under a temporary name.
+    """
+    if not rows:
+        return
     cache_path = Path(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(rows)
-    dim = len(rows[keys[0]]) if keys else 0
-    writer = FeatureFileWriter(cache_path, n_rows=len(keys), dim=dim, class_names=[],
-                               attrs={k: str(v) for k, v in settings.items()})
+    features = np.stack([rows[k] for k in keys]).astype(np.float32)
     try:
-        writer.write_rows(np.arange(len(keys)), features=np.stack([rows[k] for k in keys]) if keys else
-                          np.zeros((0, dim), np.float32), labels=np.full(len(keys), -1),
-                          paths=[k[0] for k in keys], split=[CACHE_SPLIT] * len(keys),
-                          file_size=[k[1] for k in keys], mtime_ns=[k[2] for k in keys],
-                          sha1=[""] * len(keys))
+        with disk_full_is_an_error(cache_path.parent), h5py.File(cache_path, "r+") as f:
+            if _same_settings(f, settings) and f["features"].shape[1] == features.shape[1] \
+                    and f["features"].maxshape[0] is None and f["paths"].maxshape[0] is None:
+                _append(f, keys, features)
+                return
+    except (OSError, KeyError, ValueError):  # no file yet, or one that cannot be appended to
+        pass
+    _new_cache(cache_path, settings, keys, features)
+
+
+def _same_settings(f, settings):
+    return {k: str(v) for k, v in settings.items()} == {k: str(_attr_value(f.attrs.get(k))) for k in settings}
+
+
+def _committed_rows(f):
+    return int(f.attrs.get(CACHE_ROWS, f["paths"].shape[0]))
+
+
+def _cache_columns(keys):
+    n = len(keys)
+    return dict(labels=np.full(n, -1, np.int32), paths=np.array([k[0] for k in keys], dtype=object),
+                split=np.array([CACHE_SPLIT] * n, dtype=object),
+                file_size=np.array([k[1] for k in keys], np.int64),
+                mtime_ns=np.array([k[2] for k in keys], np.int64), sha1=np.array([""] * n, dtype=object))
+
+
+def _append(f, keys, features):
+    start = _committed_rows(f)
+    end = start + len(keys)
+    f["features"].resize((end, features.shape[1]))
+    f["features"][start:end] = features
+    for name, values in _cache_columns(keys).items():
+        f[name].resize((end,))
+        f[name][start:end] = values
+    f.flush()
+    f.attrs[CACHE_ROWS] = end  # the commit: rows past it are an interrupted append
+    f.flush()
+
+
+def _new_cache(cache_path, settings, keys, features):
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = FeatureFileWriter(cache_path, n_rows=len(keys), dim=features.shape[1], class_names=[],
+                               attrs={**{k: str(v) for k, v in settings.items()}, CACHE_ROWS: len(keys)},
+                               resizable=True)
+    try:
+        writer.write_rows(np.arange(len(keys)), features=features, **_cache_columns(keys))
         writer.commit()
     except BaseException:
         writer.abort()

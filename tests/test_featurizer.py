@@ -144,3 +144,61 @@ def test_cache_is_a_feature_file_keyed_by_settings_and_stat(tiny_data, tiny_mode
     assert sum(calls) == 4
     _featurizer(tiny_model_path, cache=cache, pooling="max").fit().transform(paths)
     assert sum(calls) == 7 and load(cache).attrs["pooling"] == "max"  # other settings: extracted
+
+
+def _bytes_written():
+    """Bytes this process has passed to write calls so far (Linux /proc/self/io)."""
+    with open("/proc/self/io") as fh:
+        return int(next(line for line in fh if line.startswith("wchar:")).split()[1])
+
+
+def test_the_cache_appends_each_batch_instead_of_rewriting_the_file(tmp_path):
+    from featurepipe.store import append_cached_features, read_cached_features
+
+    cache, settings, dim, per_batch = tmp_path / "cache.h5", {"backbone": "x", "pooling": "avg"}, 512, 200
+    rng = np.random.default_rng(0)
+    written, expected = [], {}
+    for batch in range(10):
+        rows = {(f"/img/{batch}_{i}.jpg", 1000 + i, 7): rng.normal(size=dim).astype(np.float32)
+                for i in range(per_batch)}
+        expected.update(rows)
+        before = _bytes_written()
+        append_cached_features(cache, settings, rows)
+        written.append(_bytes_written() - before)
+    one_batch = per_batch * dim * 4
+    # Rewriting the file would cost k batches at the k-th batch (55 batches' bytes for the ten);
+    # appending costs one batch each time (HDF5 writes whole chunks, so a little more), flat.
+    assert max(written[5:]) < 1.5 * max(written[1:5]), written
+    assert sum(written) < 55 * one_batch / 2, written
+    read = read_cached_features(cache, settings)
+    assert read.keys() == expected.keys()
+    assert all(np.array_equal(read[k], v) for k, v in expected.items())
+
+
+def test_an_interrupted_append_is_ignored_and_overwritten(tmp_path):
+    import h5py
+
+    from featurepipe.store import CACHE_ROWS, append_cached_features, read_cached_features
+
+    cache, settings = tmp_path / "cache.h5", {"backbone": "x"}
+    append_cached_features(cache, settings, {("/a.jpg", 1, 1): np.ones(4, np.float32)})
+    with h5py.File(cache, "r+") as f:  # what a writer killed after resizing leaves
+        for name in ("features", "paths", "labels", "split", "file_size", "mtime_ns", "sha1"):
+            f[name].resize((3, *f[name].shape[1:]))
+        f["paths"][1:] = ["/half.jpg", "/half2.jpg"]
+        assert f.attrs[CACHE_ROWS] == 1
+    assert list(read_cached_features(cache, settings)) == [("/a.jpg", 1, 1)]
+    append_cached_features(cache, settings, {("/b.jpg", 2, 2): np.full(4, 2, np.float32)})
+    assert sorted(read_cached_features(cache, settings)) == [("/a.jpg", 1, 1), ("/b.jpg", 2, 2)]
+    assert read_cached_features(cache, {"backbone": "other"}) == {}
+
+
+def test_transformer_batches_accumulate_in_the_cache(tiny_data, tiny_model_path, tmp_path):
+    paths = sorted(str(p) for p in tiny_data.rglob("*.png"))
+    cache = tmp_path / "cache.h5"
+    features = _featurizer(tiny_model_path, cache=cache).fit()
+    for start in range(0, len(paths), 6):
+        features.transform(paths[start:start + 6])
+    assert sorted(load(cache).paths) == paths
+    np.testing.assert_allclose(features.transform(paths), _featurizer(tiny_model_path).fit().transform(paths),
+                               rtol=1e-6)

@@ -114,3 +114,13 @@ def test_files_made_before_a_field_existed_read_with_the_old_value(written):
 def test_every_value_is_checked_in_one_place(bad, option):
     with pytest.raises(UsageError, match=option):
         check_settings(**bad)
+
+
+def test_a_file_with_preprocessing_its_registry_backbone_no_longer_uses_names_the_fix():
+    old = ExtractionSettings(backbone="squeezenet", layer="fire9", pooling="avg", image_size=227,
+                             resize="stretch", preprocess="tf", augment="none", decode="exact",
+                             weights_source="", weights_sha256="")
+    with pytest.raises(UsageError) as err:
+        rebuild_feature_model(old)
+    message = str(err.value)
+    assert "extract them again" in message and "--overwrite" in message and "--preprocess" not in message

@@ -142,9 +142,14 @@ def rebuild_feature_model(settings, *, engine="tf", weights=None):
 
     Raises UsageError when the weights found are not the ones the features were made with.
     """
-    from ..backbones import get_backbone
+    from ..backbones import BACKBONES, get_backbone
     from ..settings import make_spec
 
+    entry = BACKBONES.get(settings.backbone)
+    if entry is not None and entry.preprocess != settings.preprocess:  # made by an older version
+        raise UsageError(f"these features of '{settings.backbone}' were made with '{settings.preprocess}' "
+                         f"preprocessing, which this version no longer applies to it (it uses "
+                         f"'{entry.preprocess}'); extract them again with featurepipe extract ... --overwrite")
     backbone = get_backbone(settings.backbone, preprocess_mode=settings.preprocess)
     want = settings.weights_sha256
     spec, resolved = make_spec(backbone, layer=settings.layer or None, pooling=settings.pooling,
