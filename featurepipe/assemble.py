@@ -16,6 +16,9 @@ from .errors import DataError
 from .store import FeatureFileWriter, load_part
 
 
+MISSING = "file not found or not readable"  # listed (a CSV row, a broken link) but cannot be opened
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     """What one backbone's run did."""
@@ -50,6 +53,7 @@ class ExtractResult:
                      f"{self.duplicate_leaks} across splits (see the file's sha1 dataset)")
         return line
 
+
 def unchanged(index, plan, old):
     """True when the file would be written again with exactly the rows it holds."""
     if old is None or plan.refreshed or str(old.attrs.get("data_root", "")) != str(index.root):
@@ -61,6 +65,7 @@ def unchanged(index, plan, old):
     return skipped_rows(index, plan, {}) == sorted(
         (path, reason, int(size), int(mtime)) for (path, reason), (size, mtime) in zip(old.skipped, old.skipped_stat))
 
+
 def untouched(path, old, started):
     n_skipped = len(old.skipped)
     return ExtractResult(path=path, n_rows=len(old.paths), n_extracted=0, n_kept=len(old.paths),
@@ -68,16 +73,19 @@ def untouched(path, old, started):
                          duplicate_groups=int(old.attrs.get("duplicate_groups", 0)),
                          duplicate_leaks=int(old.attrs.get("duplicate_leaks", 0)))
 
+
 def assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, started, n_resumed,
               engines_used):
     """Write the final file: kept rows from the old file and the new parts, sorted by path."""
     position = {p: i for i, p in enumerate(index.paths)}
     part_positions = [[position[str(p)] for p in load_part(part, keys=("paths",))["paths"]] for part in parts]
     good_positions = sorted(set(plan.keep) | {p for positions in part_positions for p in positions})
+    listed = {**new_skipped, **{pos: MISSING for pos, st in enumerate(plan.stats) if st is None}}
     if not good_positions:
-        reasons = sorted(set(new_skipped.values()))[:3]
-        raise DataError(f"no readable images under '{index.root}' ({len(new_skipped)} skipped: "
-                        f"{'; '.join(reasons)})")
+        first = sorted(listed.items())[:3]
+        raise DataError(f"no readable images under '{index.root}' ({len(listed)} skipped, e.g. "
+                        + "; ".join(f"{index.paths[pos]}: {reason}" for pos, reason in first)
+                        + "); check the paths and files named there")
     dim = load_part(parts[0])["features"].shape[1] if parts else int(old.attrs["feature_dim"])
     row_of = {pos: r for r, pos in enumerate(good_positions)}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -102,13 +110,15 @@ def assemble(index, plan, old, parts, new_skipped, path, spec, model, opts, star
                          n_kept=len(plan.keep), n_skipped=len(skipped),
                          n_new_skipped=len(new_skipped), seconds=time.time() - started,
                          duplicate_groups=dup_groups, duplicate_leaks=dup_leaks, n_resumed=n_resumed,
-                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in new_skipped.items())))
+                         newly_skipped=tuple(sorted((index.paths[p], r) for p, r in listed.items())))
+
 
 def _row_fields(index, plan, positions):
     return dict(labels=index.labels[positions], paths=[index.paths[p] for p in positions],
                 split=[plan.split[p] for p in positions],
                 file_size=[plan.stats[p][0] for p in positions],
                 mtime_ns=[plan.stats[p][1] for p in positions])
+
 
 def _write_kept(writer, index, plan, old, row_of):
     if not plan.keep:
@@ -121,17 +131,20 @@ def _write_kept(writer, index, plan, old, row_of):
         writer.write_rows([row_of[p] for p in positions], features=feats,
                           sha1=[old.sha1[r] for r in old_rows], **_row_fields(index, plan, positions))
 
+
 def _write_part(writer, index, plan, part, row_of, position):
     positions = [position[str(p)] for p in part["paths"]]
     writer.write_rows([row_of[p] for p in positions], features=part["features"],
                       sha1=list(part["sha1"]), **_row_fields(index, plan, positions))
 
+
 def skipped_rows(index, plan, new_skipped):
     rows = [(index.paths[pos], reason, size, mtime) for pos, (reason, size, mtime) in plan.keep_skipped.items()]
     rows += [(index.paths[pos], reason, *plan.stats[pos]) for pos, reason in new_skipped.items()]
-    rows += [(rel, "file not found or not readable", -1, -1)
+    rows += [(rel, MISSING, -1, -1)
              for rel, st in zip(index.paths, plan.stats) if st is None]
     return sorted(rows)
+
 
 def _duplicates(writer):
     """Count byte-identical images (groups) and those that span splits (leaks); warn about them."""
@@ -150,6 +163,7 @@ def _duplicates(writer):
                       f"which leaks test answers into training), e.g. {example}", stacklevel=2)
     return len(dups), len(leaks)
 
+
 def _versions():
     """(TensorFlow, Keras) versions from package metadata: a LiteRT run need not import either."""
     from importlib import metadata
@@ -162,12 +176,14 @@ def _versions():
         keras_version = keras.__version__
     return tensorflow_version(), keras_version
 
+
 def _engine_attr(model, old, engines_used):
     """The engine(s) that made the rows: this run's (``auto`` resolved) and the old file's."""
     names = set(engines_used) - {None}  # empty: no new rows
     if old is not None:
         names |= {n for n in str(old.attrs.get("engine", "")).split("+") if n and n != "auto"}
     return "+".join(sorted(names)) or _engine_without_building(model)
+
 
 def _engine_without_building(model):
     """The engine an interrupted run made its parts with (``auto`` resolved as it resolved it)."""
@@ -176,6 +192,7 @@ def _engine_without_building(model):
     if model.engine_name != "auto":
         return model.engine_name
     return auto_choice_without_building(model.spec) or model.engine.name
+
 
 def _attrs(index, spec, model, opts, dim, old, now, engines_used):
     tf_version, keras_version = _versions()

@@ -34,7 +34,7 @@ from .cli import OneLineParser
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
-from .results import ranked, read_results, update_results
+from .results import current_rows, number, ranked, read_results, update_results
 from .store import write_json_atomic
 
 # Cosine of the whitened features (three default backbones): 28 of 30 planted copies of flowers5
@@ -559,7 +559,7 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     _write_csv(out / "suspects.csv", SUSPECT_COLUMNS, [asdict(s) for s in suspects])
 
     say("learning curve")
-    curve_fs = _best_feature_set(rows, files, fs)
+    curve_fs = _best_feature_set(current_rows(rows, folder), files, fs)
     curve = learning_curve(curve_fs, C=_logreg_C(rows, curve_fs.name), seeds=seeds, n_jobs=n_jobs,
                            full_model=full_model if curve_fs is fs else None)
     _write_csv(out / "learning_curve.csv", CURVE_COLUMNS,
@@ -632,6 +632,8 @@ def _best_feature_set(rows, files, joined):
     rebuild (else all joined)."""
     stems = {Path(f).stem: Path(f) for f in files}
     for r in ranked(rows):
+        if not str(r.get("status", "")).startswith("ok") or math.isnan(number(r.get("cv_mean"))):
+            continue
         names = str(r.get("features", "")).split("+")
         if str(r.get("model", "")).endswith(".joblib") and all(n in stems for n in names):
             return joined if "+".join(names) == joined.name else load_feature_set([stems[n] for n in names])

@@ -31,6 +31,13 @@ def check_at_least(value, low, option):
     return value
 
 
+def check_n_jobs(n_jobs, option="--n-jobs"):
+    """joblib's convention: a count >= 1, or -1 (all cores), -2 (all but one), ...; never 0."""
+    if not _is_int(n_jobs) or n_jobs == 0:
+        raise UsageError(f"{option} must be a number of parallel jobs >= 1, or -1 for every core, got {n_jobs!r}")
+    return int(n_jobs)
+
+
 MAX_WORKERS = 256  # threads; far more than any machine needs, few enough to start at once
 
 

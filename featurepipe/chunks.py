@@ -20,6 +20,7 @@ def progress(total, desc, quiet):
     return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True,
                 file=sys.stderr, smoothing=0.1)
 
+
 def run_local(index, jobs, opts):
     """Read every image some backbone still needs once, and push it into each such backbone's chunk."""
     active = [job for job in jobs if job.todo]
@@ -48,6 +49,7 @@ def run_local(index, jobs, opts):
         bar.close()
     for job in active:
         job.engines_used.add(job.model.engine_used)
+
 
 class _Feed:
     """One backbone's unfinished chunks, filled image by image in order; each full chunk is saved
@@ -80,12 +82,14 @@ class _Feed:
                 save_part(output.parts_dir / name, **_part_of(part, wanted))
             self._start_chunk()
 
+
 def _part_of(part, wanted):
     """The rows and skips of ``part`` whose paths are in ``wanted``."""
     ok = np.array([str(p) in wanted for p in part["paths"]], dtype=bool)
     bad = np.array([str(p) in wanted for p in part["bad_paths"]], dtype=bool)
     return {"paths": part["paths"][ok], "features": part["features"][ok], "sha1": part["sha1"][ok],
             "bad_paths": part["bad_paths"][bad], "bad_reasons": part["bad_reasons"][bad]}
+
 
 def run_chunks_on_dask(index, job, opts):
     """One backbone's unfinished chunks as Dask tasks writing the same part files (featurepipe.distributed).
@@ -108,8 +112,10 @@ def run_chunks_on_dask(index, job, opts):
     finally:
         bar.close()
 
+
 def _stacked_features(rows):
     return rows
+
 
 class _ChunkBuilder:
     """Features of one chunk, fed one image at a time in order.
@@ -172,12 +178,14 @@ class _ChunkBuilder:
         (part,) = self.parts()
         return part
 
+
 def extract_chunk(member_paths, stream, featurize, batch_size, bar):
     """A chunk's part (see ``_ChunkBuilder``) from a stream of ``(array, sha1)`` or ImageError."""
     builder = _ChunkBuilder(member_paths, featurize, batch_size, bar)
     for _ in member_paths:
         builder.add(next(stream))
     return builder.part()
+
 
 def collect_parts(index, parts_dir, chunks):
     """The part files that hold rows, and {index position: reason} of the unreadable images."""

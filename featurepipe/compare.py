@@ -17,11 +17,11 @@ from pathlib import Path
 
 from .cli import OneLineParser
 from .classifiers import CLASSIFIERS, DEFAULT_CLASSIFIERS, get_classifier, parse_grid
-from .checks import check_at_least, check_seed
+from .checks import check_at_least, check_n_jobs, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import models_dir_for
-from .results import best_row, finetune_rows, number, ranked, results_markdown, update_results
+from .results import best_row, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -70,6 +70,7 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
     """
     check_seed(seed)
     check_at_least(cv, 2, "--cv")
+    check_n_jobs(n_jobs)
     files = resolve_feature_files(feature_files)
     clfs = list(clfs) if clfs else list(CLASSIFIERS if full else DEFAULT_CLASSIFIERS)
     for clf in clfs:
@@ -87,10 +88,11 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
                 bar.update(1)
     _finetune_missing(finetune, files, folder, seed=seed, quiet=quiet)
     rows += finetune_rows(folder)
-    table = update_results(folder, rows)
+    table = update_results(folder, rows, features=files)
     if plots:
-        plot_results(table, folder / "results.png", title=sets[0].dataset)
-        plot_best_confusion(table, folder)
+        current = current_rows(table, folder)
+        plot_results(current, folder / "results.png", title=sets[0].dataset)
+        plot_best_confusion(current, folder)
     if report:
         _write_report(files)
     mine = {(r["features"], r["clf"]) for r in rows}
@@ -259,9 +261,11 @@ def main(argv=None):
 
 def best_line(row):
     """One line naming the best row by CV, with its test accuracy for the record."""
+    test = number(row.get("test_accuracy"))
+    scored = ("no test rows" if math.isnan(test)
+              else f"test accuracy {test:.4f}, measured once, not used to choose")
     return (f"best by CV: {row['features']} / {row['clf']} (CV {number(row['cv_mean']):.4f} ± "
-            f"{number(row['cv_std']):.4f} on the training rows; test accuracy "
-            f"{number(row.get('test_accuracy')):.4f}, measured once, not used to choose)")
+            f"{number(row['cv_std']):.4f} on the training rows; {scored})")
 
 
 

@@ -22,7 +22,7 @@ from .cli import OneLineParser
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices
 from .errors import DataError, UsageError
 from .images import list_images
-from .paths import check_outside_input, default_out_dir, latest_pointer
+from .paths import check_outside_input, default_out_dir, features_home, latest_pointer
 from .planning import (OutputLock, existing_file, output_path, part_name, plan_file, prepare_parts_dir,
                        remove_leftovers, valid_part)
 from .reader import DECODE_MODES, DEFAULT_DECODE, DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -96,7 +96,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     opts = Options(**{name: given[name] for name in Options.__dataclass_fields__})
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
-    out_dir, index = _outputs_and_images(data, out, opts.allow_outside)
+    out_dir, index = outputs_and_images(data, out, allow_outside=opts.allow_outside)
     _check_same_dataset(out_dir, index.root)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,15 +111,19 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     return results
 
 
-def _outputs_and_images(data, out, allow_outside):
-    """(output folder, ImageIndex). Outputs are never written inside the folder holding the
-    images (the next run would list them as a class); a folder is checked before it is walked."""
+def outputs_and_images(data, out=None, *, allow_outside=False):
+    """(output folder, ImageIndex) of an extraction of ``data`` into ``out`` (None: the default).
+
+    Outputs are never written inside the folder holding the images (the next run would list them
+    as a class); a folder is checked before it is walked, and featurepipe's own feature folder
+    (``data_home()/features``) is never listed, wherever it is."""
     what = "--out" if out is not None else "the default output folder"
     out_dir = Path(out) if out is not None else None
     if Path(data).is_dir():
         out_dir = out_dir or default_out_dir(data)
         check_outside_input(data, out_dir, what)
-    index = list_images(data, exclude=[out_dir] if out_dir else [], allow_outside=allow_outside)
+    own = [features_home()] if any(features_home().glob("*/*.h5")) else []  # feature files of other data sets
+    index = list_images(data, exclude=[*own, *([out_dir] if out_dir else [])], allow_outside=allow_outside)
     folder = index.images_folder()
     out_dir = out_dir or default_out_dir(data, images_folder=folder)
     check_outside_input(folder, out_dir, what)
@@ -137,7 +141,8 @@ def _check_same_dataset(out_dir, root):
             continue  # not a feature file: extending it fails later with its own message
         if other and other != str(root):
             raise UsageError(f"'{out_dir}' holds the features of another data set ('{other}', in "
-                             f"{path.name}), not '{root}'; pass --out DIR to keep both")
+                             f"{path.name}), not '{root}'; pass --out DIR with a folder of another name to keep both "
+                             "(its name also names the models folder, models/<name>)")
 
 
 def _validate(opts, backbones):

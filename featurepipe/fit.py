@@ -27,11 +27,11 @@ from .cli import OneLineParser
 from . import __version__
 from .classifiers import (CLASSIFIERS, DEFAULT_CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
-from .checks import check_at_least, check_seed
+from .checks import check_at_least, check_n_jobs, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
 from .paths import dataset_name, latest_pointer, models_dir_for
-from .results import RESULT_COLUMNS, update_results
+from .results import RESULT_COLUMNS, inputs_digest, update_results
 from .store import load, write_json_atomic
 
 MODEL_FORMAT = "featurepipe-model/1"
@@ -179,6 +179,7 @@ class FitResult:
     model: str = ""
     key: str = ""
     test_accuracy_no_leaks: float = math.nan  # filled by featurepipe.audit
+    inputs: str = ""  # the feature files by name, size and mtime (featurepipe.results.inputs_digest)
     n_dropped: int = 0
     class_names: list = field(default_factory=list)
     confusion: list = field(default_factory=list)
@@ -239,6 +240,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
         raise UsageError(f"--max-seconds must be > 0, got {max_seconds}")
     check_seed(seed)
     check_at_least(cv, 2, "--cv")
+    check_n_jobs(n_jobs)
     files = resolve_feature_files(feature_files) if feature_set is None else [Path(b["file"]) for b in feature_set.blocks]
     fs = feature_set if feature_set is not None else load_feature_set(files)
     spec = get_classifier(clf)
@@ -256,7 +258,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
         if old is not None:
             return old
     base = dict(features=fs.name, clf=spec.name, key=key, n_train=len(train), n_test=len(test),
-                n_dropped=fs.n_dropped, class_names=fs.class_names)
+                n_dropped=fs.n_dropped, class_names=fs.class_names, inputs=inputs_digest(files))
     started = time.perf_counter()
     try:
         found = _run_limited(search, dict(X=fs.X[train], y=fs.y[train], pipeline=pipeline, grid=grid,

@@ -179,6 +179,9 @@ def expand_paths(items, *, exclude=()):
 def _subfolders(folder, exclude_keys=frozenset()):
     found = []
     for p in sorted(Path(folder).iterdir()):
+        if p.is_symlink() and not p.exists() and not p.name.startswith(".") and not is_image_file(p.name):
+            warnings.warn(f"'{p}' is a symbolic link to nothing ({os.readlink(p)}); left out", stacklevel=3)
+            continue
         if p.name.startswith(".") or not p.is_dir():
             continue
         if _folder_key(p) not in exclude_keys:
@@ -266,6 +269,16 @@ def _manifest_path(root, path, where, allow_outside):
 
 
 def _index_from_csv(csv_path, allow_outside):
+    try:
+        return _read_manifest(csv_path, allow_outside)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path} is not UTF-8 text (byte {err.start}: {err.reason}); save the "
+                        "manifest as UTF-8 CSV (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as err:
+        raise DataError(f"{csv_path} is not a readable CSV ({err}); expected lines 'path,label[,split]'") from None
+
+
+def _read_manifest(csv_path, allow_outside):
     root = csv_path.resolve().parent
     rows = []
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:

@@ -103,7 +103,8 @@ def models_dir_for(feature_file, *, root=None, claim=False):
     if recorded is not None and recorded != str(source):
         raise UsageError(f"'{folder}' holds the models of the feature files in '{recorded}', not "
                          f"'{source}'; extract this data set with --out into a folder of another "
-                         f"name (or remove {marker} if those files moved here)")
+                         f"name, e.g. --out {source.parent / (source.name + '-2')} (or remove {marker} "
+                         "if those files moved here)")
     if claim and recorded is None:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")

@@ -45,6 +45,7 @@ class OutputLock:
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
 
+
 @dataclass
 class FilePlan:
     stats: list          # (size, mtime_ns) or None per index entry
@@ -53,6 +54,7 @@ class FilePlan:
     refreshed: dict      # index position -> (size, mtime) for kept rows whose stat changed
     pending: list        # index positions to extract
     split: list          # split per index entry
+
 
 def plan_file(index, old, out_dir, path, opts):
     stats = []
@@ -87,8 +89,10 @@ def plan_file(index, old, out_dir, path, opts):
     split = _splits(index, old, keep, out_dir, path, opts)
     return FilePlan(stats, keep, keep_skipped, refreshed, pending, split)
 
+
 def _same_content(abs_path, old_sha1):
     return file_sha1(abs_path) == old_sha1
+
 
 def _splits(index, old, keep, out_dir, path, opts):
     """Splits: given by the layout, else kept from this file or its siblings, else assigned."""
@@ -110,6 +114,7 @@ def _splits(index, old, keep, out_dir, path, opts):
     return assign_split(index.paths, index.labels, test_size=opts.test_size,
                         val_size=opts.val_size, seed=opts.seed, known=known)
 
+
 def existing_file(path, identity, overwrite):
     """The old file's rows (without features) when it can be extended, else None."""
     if not path.exists() or overwrite:
@@ -126,10 +131,12 @@ def existing_file(path, identity, overwrite):
                          "same options, --overwrite to replace it or --out to write elsewhere")
     return old
 
+
 def part_name(k, members, index, stats):
     """Chunk ``k``'s part file, named by a digest of the images it holds."""
     digest = hashlib.sha1("\n".join(f"{index.paths[p]}|{stats[p]}" for p in members).encode()).hexdigest()[:16]
     return f"part-{k:06d}-{digest}.npz"
+
 
 def valid_part(part_path, index, members, keys):
     """A part's ``keys`` when it holds exactly the images of ``members`` (by path), else None.
@@ -145,6 +152,7 @@ def valid_part(part_path, index, members, keys):
         return None
     return part
 
+
 def prepare_parts_dir(parts_dir, identity):
     marker = parts_dir / "settings.json"
     if parts_dir.exists():
@@ -158,6 +166,7 @@ def prepare_parts_dir(parts_dir, identity):
     if not marker.exists():
         write_json_atomic(marker, identity)
 
+
 def remove_leftovers(path, parts_dir):
     """Temporary files of writers killed before they could rename them (we hold the lock)."""
     removed = remove_stale_temps(path.parent, f".{path.name}")
@@ -166,6 +175,7 @@ def remove_leftovers(path, parts_dir):
     if removed:
         warnings.warn(f"removed {len(removed)} temporary files left by a killed run, e.g. "
                       f"{removed[0]}", stacklevel=4)
+
 
 def output_path(out_dir, backbone_name, augment, layer=None):
     """``OUT/<backbone>.h5`` for the default layer, ``OUT/<backbone>@<layer>.h5`` for another."""

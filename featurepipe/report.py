@@ -32,7 +32,7 @@ from .cli import OneLineParser
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
-from .results import SELECTION_RULE, ranked
+from .results import SELECTION_RULE, current_rows, ranked
 from .store import load, load_part, save_part
 
 AUDIT_COMMAND = "python -m featurepipe.audit"
@@ -125,9 +125,11 @@ def _has_columns(rows, path, columns):
 
 
 def results_rows(folder):
-    """results.csv's rows, ranked by ``featurepipe.results.ranked`` (best CV first; an empty
-    list when there is none)."""
-    return ranked(read_csv(Path(folder) / "results.csv") or [])
+    """results.csv's rows of the folder's current feature files (``featurepipe.results.current_rows``),
+    ranked (best CV first), and how many rows of other feature files it also holds."""
+    rows = read_csv(Path(folder) / "results.csv") or []
+    current = current_rows(rows, folder)
+    return ranked(current), len(rows) - len(current)
 
 
 class Thumbnails:
@@ -504,8 +506,10 @@ def report(feature_files=None, *, out=None, limits=None, seed=0):
     audit_dir = folder / "audit"
     header = header_section(files, limits=limits)
     thumbs = Thumbnails(header["data_root"], px=limits.thumb_px)
-    rows = results_rows(folder)
+    rows, n_other = results_rows(folder)
     notes = []
+    if n_other:
+        notes.append(f"{n_other} rows of other feature files (an earlier run) are in results.csv and not shown")
     best = fs = predictions = None
     found = best_model(rows, folder)
     if found:

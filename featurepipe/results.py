@@ -7,7 +7,11 @@ into place, so no writer's rows are lost and a reader never sees a half-written 
 
 Rows are ranked by ``selection_key``, the one rule every "best" in featurepipe follows
 (``SELECTION_RULE``): the cross-validation score on the training rows decides; the test accuracy
-is measured once per row and shown, never used to choose.
+is measured once per row and shown, never used to choose. Only rows of the same feature files are
+ranked together: the files of the latest ``compare`` (or ``run``) are the folder's current set
+(``current_rows``), their rows come first and every "best" is one of them; rows of other feature
+files (an earlier run with other backbones) follow, ranked among themselves. A row whose feature
+files changed since its fit (``inputs``) is dropped when the current set is recorded.
 
 To add a column, append it to ``RESULT_COLUMNS`` (old tables read it as empty).
 """
@@ -23,7 +27,8 @@ from pathlib import Path
 
 RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
-                  "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks")
+                  "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks",
+                  "inputs")
 ROW_KEY = ("features", "clf")
 SELECTION_RULE = ("rows are ranked by their cross-validation accuracy on the training rows (ties: the "
                   "lower CV std, then the faster fit); the test accuracy is measured once per row and "
@@ -59,10 +64,25 @@ def finetune_rows(folder):
     return rows
 
 
-def update_results(folder, rows):
+CURRENT_RECORD = ".current-features.json"  # in models/<dataset>/: the stems of the current set
+
+
+def update_results(folder, rows, *, features=None):
     """Add or replace ``rows`` (by features and clf) in ``results.csv`` and rewrite ``results.md``.
 
-    Returns the table's rows, ranked (``ranked``: best CV first).
+    Parameters
+    ----------
+    folder : str or Path
+        ``models/<dataset>/``.
+    rows : list of dict
+    features : list of str or Path, optional
+        The feature files these rows were fitted on (compare's files): they become the folder's
+        current set, and rows of these files whose ``inputs`` no longer match them are dropped.
+
+    Returns
+    -------
+    list of dict
+        The table's rows: the current set's first, each part ranked (``ranked``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,10 +94,59 @@ def update_results(folder, rows):
             if not new["test_accuracy_no_leaks"] and old.get("key", "") == new["key"]:
                 new["test_accuracy_no_leaks"] = old.get("test_accuracy_no_leaks", "")  # same inputs, same value
             table[_key(new)] = new
-        ordered = ranked(table.values())
+        if features is not None:
+            fresh = {_key({c: cell(r.get(c, "")) for c in ROW_KEY}) for r in rows}
+            table = {k: r for k, r in table.items() if k in fresh or not _outdated(r, features)}
+            _write_atomic(folder / CURRENT_RECORD,
+                          lambda fh: json.dump({"features": [Path(f).stem for f in features]}, fh))
+        ordered = ordered_rows(table.values(), current_stems(folder))
+        n_current = len(current_rows(ordered, folder))
         _write_atomic(folder / "results.csv", lambda fh: _write_csv(fh, ordered))
-        _write_atomic(folder / "results.md", lambda fh: fh.write(results_markdown(ordered)))
+        _write_atomic(folder / "results.md", lambda fh: fh.write(results_markdown(ordered, n_current=n_current)))
     return ordered
+
+
+def inputs_digest(files):
+    """A digest of feature files by name, size and modification time (a row's ``inputs``)."""
+    import hashlib
+
+    parts = [[Path(f).stem, Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _outdated(row, features):
+    """True for a row whose feature files (beside ``features``) changed or went since its fit."""
+    if not row.get("inputs") or not features:
+        return False
+    folder = Path(features[0]).parent
+    try:
+        return inputs_digest([folder / f"{s}.h5" for s in str(row["features"]).split("+")]) != row["inputs"]
+    except OSError:
+        return True
+
+
+def current_stems(folder):
+    """The feature-file stems of the folder's current set, or None when none is recorded."""
+    try:
+        return list(json.loads((Path(folder) / CURRENT_RECORD).read_text())["features"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _in_set(row, stems):
+    return stems is None or set(str(row.get("features", "")).split("+")) <= set(stems)
+
+
+def current_rows(rows, folder):
+    """The rows made from the folder's current feature files only (all rows when none is recorded)."""
+    stems = current_stems(folder)
+    return [r for r in rows if _in_set(r, stems)]
+
+
+def ordered_rows(rows, stems):
+    """The rows of the feature files ``stems`` ranked, then the others ranked (``stems`` None: all ranked)."""
+    rows = list(rows)
+    return ranked([r for r in rows if _in_set(r, stems)]) + ranked([r for r in rows if not _in_set(r, stems)])
 
 
 @contextmanager
@@ -159,12 +228,19 @@ def _fmt(value, digits):
     return "–" if math.isnan(v) else f"{v:.{digits}f}"
 
 
-def results_markdown(rows, *, limit=None):
+TABLE_HEAD = ["| features | clf | CV accuracy (train) | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def results_markdown(rows, *, limit=None, n_current=None):
     """A Markdown table of result rows (dicts), in the given order (``ranked`` gives the rule's);
-    with ``limit``, only the first rows, and a line counting the others."""
-    lines = ["| features | clf | CV accuracy (train) | test accuracy | test acc. no leaks | test macro-F1 | fit s | predict ms/img | best params | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows[:limit]:
+    with ``limit``, only the first rows, and a line counting the others; with ``n_current``, the
+    rows after the first ``n_current`` go to a second table (other feature files)."""
+    lines = list(TABLE_HEAD)
+    for k, r in enumerate(rows[:limit]):
+        if n_current is not None and k == n_current:
+            lines += ["", "Rows of other feature files (an earlier run; not ranked with the rows above):", ""]
+            lines += TABLE_HEAD
         cv = (f"{number(r['cv_mean']):.4f} ± {number(r['cv_std']):.4f}"
               if not math.isnan(number(r.get("cv_mean"))) else "–")
         warned = r.get("convergence_warnings") not in ("", "0", 0, None)

@@ -10,7 +10,6 @@ Outputs never land inside the image folder: feature files go to ``default_out_di
 models, results, the audit and the report to ``models/<dataset>/``.
 """
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,7 +71,8 @@ class RunResult:
 
 
 def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, report=True, cv=5,
-        seed=0, test_size=0.2, val_size=0.0, engine="auto", preprocess=None, n_jobs=-1, quiet=False):
+        seed=0, test_size=0.2, val_size=0.0, engine="auto", preprocess=None, allow_outside=False,
+        n_jobs=-1, quiet=False):
     """Extract, compare, audit and report one data set with the defaults.
 
     Parameters
@@ -89,7 +89,7 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
         The feature files' folder (default ``featurepipe.paths.default_out_dir``).
     audit, report : bool
         Run the audit; write the HTML report.
-    cv, seed, test_size, val_size, engine, preprocess, n_jobs
+    cv, seed, test_size, val_size, engine, preprocess, allow_outside, n_jobs
         As for ``extract`` and ``compare`` (``preprocess``: for ``file:`` models).
     quiet : bool
         No progress bars or stage lines.
@@ -101,31 +101,22 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
     from .audit import audit as run_audit
     from .compare import compare
     from .extract import DEFAULT_BACKBONES, extract
-    from .backbones import get_backbone
-    from .checks import check_at_least
-    from .classifiers import get_classifier
-    from .images import check_data
-    from .paths import check_outside_input, models_dir_for
+    from .paths import models_dir_for
     from .results import best_row
 
-    check_data(data)
-    check_at_least(cv, 2, "--cv")
-    for clf in clfs or ():
-        get_classifier(clf)  # a wrong name fails before the features are extracted
     backbones = list(backbones or (ALL_BACKBONES if full else DEFAULT_BACKBONES))
-    for name in backbones:
-        get_backbone(name, preprocess_mode=preprocess)
+    _check_before_work(data, out, backbones=backbones, clfs=clfs, cv=cv, n_jobs=n_jobs, seed=seed,
+                       preprocess=preprocess, allow_outside=allow_outside)
     seconds = {}
     say = (lambda msg: None) if quiet else (lambda msg: print(f"==> {msg}", file=sys.stderr, flush=True))
 
     say(f"extract: {' '.join(backbones)}")
     started = time.perf_counter()
     extracted = extract(data, backbones, out=out, seed=seed, test_size=test_size, val_size=val_size,
-                        engine=engine, preprocess=preprocess, quiet=quiet)
+                        engine=engine, preprocess=preprocess, allow_outside=allow_outside, quiet=quiet)
     files = [r.path for r in extracted]
     seconds["extract"] = time.perf_counter() - started
     models_dir = models_dir_for(files[0])
-    check_outside_input(_images_folder(data, files[0]), models_dir, "the models folder (FEATUREPIPE_MODELS)")
 
     say(f"compare: {', '.join(clfs) if clfs else ('every classifier, full grids' if full else 'default classifiers')}")
     started = time.perf_counter()
@@ -148,24 +139,39 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
         report_path = write_report(files, seed=seed).path
         seconds["report"] = time.perf_counter() - started
 
-    from .results import ranked, read_results
+    from .results import current_rows, read_results
 
-    table = ranked(read_results(models_dir))
+    table = current_rows(read_results(models_dir), models_dir)  # results.csv's order: ranked
     return RunResult(features=files, models_dir=models_dir, rows=table or rows, best=best_row(table),
                      audit_dir=audit_dir, report=report_path, seconds=seconds)
 
 
-def _images_folder(data, feature_file):
-    """The folder no output may enter: ``data`` itself, or for a CSV manifest the common folder of
-    the images it lists (read back from the feature file)."""
-    if Path(data).is_dir():
-        return Path(data)
-    from .store import load
+def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preprocess, allow_outside):
+    """Every refusal that does not need the features, before any is extracted: the arguments,
+    the layout (two classes at least), and where the outputs and the models would go."""
+    from .backbones import get_backbone
+    from .checks import check_at_least, check_n_jobs, check_seed
+    from .classifiers import get_classifier
+    from .errors import DataError
+    from .extract import outputs_and_images
+    from .images import check_data
+    from .paths import check_outside_input, models_dir_for
 
-    rows = load(feature_file, features=False)
-    root = Path(str(rows.attrs.get("data_root") or Path(data).parent))
-    folders = {os.path.dirname(os.path.join(root, p)) for p in rows.paths}
-    return Path(os.path.commonpath(sorted(folders))) if folders else root
+    check_data(data)
+    check_at_least(cv, 2, "--cv")
+    check_n_jobs(n_jobs)
+    check_seed(seed)
+    for clf in clfs or ():
+        get_classifier(clf)
+    for name in backbones:
+        get_backbone(name, preprocess_mode=preprocess)
+    out_dir, index = outputs_and_images(data, out, allow_outside=allow_outside)
+    if len(set(index.labels.tolist())) < 2:
+        raise DataError(f"'{data}' holds images of {len(set(index.labels.tolist()))} class; a classifier "
+                        "needs two or more class folders (or labels)")
+    images = Path(data) if Path(data).is_dir() else index.images_folder()
+    models_dir = models_dir_for(Path(out_dir) / "features.h5")  # refuses another data set's folder
+    check_outside_input(images, models_dir, "the models folder (FEATUREPIPE_MODELS)")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -189,6 +195,8 @@ def build_parser():
                    help="the exhaustive sweep: every offline backbone, every classifier, full grids")
     p.add_argument("--out", help="folder of the feature files (default data/features/<dataset>, or "
                                  "featurepipe-out/<dataset> when that would be inside DATA)")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="read CSV manifest rows naming files outside the manifest's folder")
     p.add_argument("--no-audit", action="store_true", help="skip the audit")
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -209,7 +217,7 @@ def main(argv=None):
     result = run(args.data, backbones=args.backbone, clfs=args.clf, full=args.all, out=args.out,
                  audit=not args.no_audit, cv=args.cv, seed=args.seed, test_size=args.test_size,
                  val_size=args.val_size, engine=args.engine, preprocess=args.preprocess,
-                 n_jobs=args.n_jobs, quiet=args.quiet)
+                 allow_outside=args.allow_outside, n_jobs=args.n_jobs, quiet=args.quiet)
     print(result.summary())
     return 0
 

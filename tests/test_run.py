@@ -111,3 +111,114 @@ def test_bad_arguments_are_one_line_before_any_work(default_homes, capsys):
     for line, named in zip(err, ("--data", "no-such-folder", "no-such-clf", "no-such-net", "--cv")):
         assert named in line
     assert not os.path.exists(default_homes / "models") and not os.path.exists(default_homes / "data")
+
+
+def test_a_run_with_other_backbones_ranks_only_its_own_rows_everywhere(tmp_path, tiny_model_path, capsys):
+    import shutil
+
+    from featurepipe.compare import main as compare_main
+    from featurepipe.predict import default_model
+    from featurepipe.results import read_results
+
+    data = make_dataset(tmp_path / "photos", n_per_class=8)
+    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
+    shutil.copy(tiny_model_path, first)
+    shutil.copy(tiny_model_path, second)
+    kw = dict(preprocess="scale", clfs=["logreg", "knn"], cv=2, n_jobs=1, quiet=True)
+    old = run(data, backbones=[f"file:{first}"], **kw)
+    make_dataset(data, n_per_class=4, start=8)  # more images: the first run's rows are of an older file
+    new = run(data, backbones=[f"file:{second}"], **kw)
+    assert {r["features"] for r in new.rows} == {"second"} and new.best["features"] == "second"
+    table = read_results(new.models_dir)
+    assert table[0]["features"] == "second" and {r["features"] for r in table} == {"first", "second"}
+    markdown = (new.models_dir / "results.md").read_text()
+    assert markdown.index("| second |") < markdown.index("Rows of other feature files") < markdown.index("| first |")
+    assert new.report.read_text().count("Best model: second / ") == 1
+    assert default_model().name.startswith("second__")
+    assert compare_main(["--clf", "logreg", "knn", "--cv", "2", "--n-jobs", "1", "--quiet"]) == 0
+    assert f"best by CV: {new.best['features']} / {new.best['clf']}" in capsys.readouterr().out
+    assert old.best["features"] == "first"
+
+
+def test_rows_of_a_feature_file_that_changed_are_dropped(tmp_path, tiny_model_path):
+    from featurepipe.compare import compare
+    from featurepipe.results import read_results
+
+    data = make_dataset(tmp_path / "photos", n_per_class=8)
+    result = _run(data, tiny_model_path)
+    before = read_results(result.models_dir)
+    assert {r["clf"] for r in before} == {"logreg", "knn"}
+    make_dataset(data, n_per_class=2, start=8)
+    again = _run(data, tiny_model_path)  # the file grew: its rows are refitted, none is stale
+    rows = read_results(again.models_dir)
+    assert len(rows) == 2 and all(int(r["n_train"]) > int(before[0]["n_train"]) for r in rows)
+    compare(again.features, ["nb"], cv=2, n_jobs=1, report=False)  # refits nb only; logreg/knn unchanged
+    assert {r["clf"] for r in read_results(again.models_dir)} == {"logreg", "knn", "nb"}
+    make_dataset(data, n_per_class=2, start=10)
+    from featurepipe.extract import extract
+    extract(data, [f"file:{tiny_model_path}"], out=again.features[0].parent, preprocess="scale", quiet=True,
+            verify=0)
+    compare(again.features, ["nb"], cv=2, n_jobs=1, report=False)
+    assert {r["clf"] for r in read_results(again.models_dir)} == {"nb"}  # logreg/knn were of the old file
+
+
+def test_before_any_work_run_refuses_what_would_fail_later(tmp_path, tiny_model_path, capsys, monkeypatch):
+    backbone = ["--backbone", f"file:{tiny_model_path}", "--preprocess", "scale"]
+    one = make_dataset(tmp_path / "one", n_per_class=3, classes=("red",))
+    make_dataset(tmp_path / "two", n_per_class=3)
+    monkeypatch.chdir(tmp_path / "two")
+    monkeypatch.setenv("FEATUREPIPE_MODELS", str(tmp_path / "two" / "models"))
+    calls = [["run", "--data", str(one), *backbone],                                 # one class
+             ["run", "--data", str(tmp_path / "two"), *backbone, "--n-jobs", "0"],
+             ["run", "--data", ".", *backbone, "--out", str(tmp_path / "elsewhere")]]  # models inside it
+    for argv in calls:
+        assert featurepipe_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "two or more" in err[0] and "--n-jobs" in err[1] and "models folder" in err[2]
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "two" / "models").exists()
+
+
+def test_csv_manifests_that_are_not_utf8_or_name_missing_files_are_one_line(tmp_path, tiny_model_path, capsys):
+    images = make_dataset(tmp_path / "img", n_per_class=2)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,label\nimg/red/img_000.png,rouge\u00e9\n".encode("latin-1"))
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("path,label\nimg/red/img_000.png,red\n".encode("utf-16"))
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label\nimg/red/nope.png,red\nimg/blue/nope.png,blue\n")
+    backbone = ["--backbone", f"file:{tiny_model_path}", "--preprocess", "scale"]
+    for manifest in (latin, utf16):
+        assert featurepipe_main(["run", "--data", str(manifest), *backbone]) == 2
+    assert featurepipe_main(["extract", "--data", str(missing), *backbone, "--quiet", "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "UTF-8" in err[0] and "UTF-8" in err[1] and "img/blue/nope.png" in err[2]
+    assert images.is_dir()
+
+
+def test_a_manifest_naming_files_outside_its_folder_runs_with_allow_outside(tmp_path, tiny_model_path):
+    make_dataset(tmp_path / "data", n_per_class=3)
+    manifest = tmp_path / "csvs" / "m.csv"
+    manifest.parent.mkdir()
+    rows = [f"../data/{p.relative_to(tmp_path / 'data').as_posix()},{p.parent.name}"
+            for p in sorted((tmp_path / "data").rglob("*.png"))]
+    manifest.write_text("\n".join(rows) + "\n")
+    assert featurepipe_main(["run", "--data", str(manifest), "--backbone", f"file:{tiny_model_path}",
+                             "--preprocess", "scale", "--clf", "logreg", "--cv", "2", "--n-jobs", "1",
+                             "--no-audit", "--allow-outside", "--quiet"]) == 0
+
+
+def test_missing_files_are_listed_and_featurepipes_own_folder_is_not_a_class(default_homes, tiny_model_path,
+                                                                             capsys):
+    from featurepipe.extract import extract
+
+    data = make_dataset(default_homes / "data", n_per_class=3)
+    other = make_dataset(default_homes / "other", n_per_class=2)
+    extract(other, [f"file:{tiny_model_path}"], preprocess="scale", quiet=True, verify=0)  # -> data/features/other
+    (data / "red" / "gone.png").symlink_to(data / "red" / "nothing.png")
+    (data / "purple").symlink_to(default_homes / "no-such-folder")
+    with pytest.warns(UserWarning, match="purple"):
+        [result] = extract("data", [f"file:{tiny_model_path}"], preprocess="scale", verify=0)
+    assert load(result.path).class_names == ["blue", "green", "red"]
+    assert "skipped red/gone.png: file not found" in capsys.readouterr().err
