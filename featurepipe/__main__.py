@@ -14,7 +14,7 @@ STAGES = {
     "run": ("featurepipe.run", "the whole job on an image folder: extract, compare, audit, report"),
     "extract": ("featurepipe.extract", "image folder -> one HDF5 feature file per backbone"),
     "fit": ("featurepipe.fit", "grid-search one classifier on feature files"),
-    "compare": ("featurepipe.compare", "every classifier x feature set -> results table"),
+    "compare": ("featurepipe.compare", "classifiers x feature sets -> results table ranked by CV"),
     "predict": ("featurepipe.predict", "label image files with a saved model"),
     "verify": ("featurepipe.verify", "re-extract rows of a feature file and compare"),
     "audit": ("featurepipe.audit", "near-duplicates, leaks, label suspects, learning curve"),

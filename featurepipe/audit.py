@@ -34,7 +34,7 @@ from .cli import OneLineParser
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
-from .results import current_rows, number, ranked, read_results, update_results
+from .results import can_be_chosen, current_rows, ranked, read_results, update_results
 from .store import write_json_atomic
 
 # Cosine of the whitened features (three default backbones): 28 of 30 planted copies of flowers5
@@ -632,7 +632,7 @@ def _best_feature_set(rows, files, joined):
     rebuild (else all joined)."""
     stems = {Path(f).stem: Path(f) for f in files}
     for r in ranked(rows):
-        if not str(r.get("status", "")).startswith("ok") or math.isnan(number(r.get("cv_mean"))):
+        if not can_be_chosen(r):
             continue
         names = str(r.get("features", "")).split("+")
         if str(r.get("model", "")).endswith(".joblib") and all(n in stems for n in names):

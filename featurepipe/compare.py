@@ -21,7 +21,7 @@ from .checks import check_at_least, check_n_jobs, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import models_dir_for
-from .results import best_row, current_rows, finetune_rows, number, ranked, results_markdown, update_results
+from .results import best_row, can_be_chosen, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -178,7 +178,7 @@ def plot_best_confusion(rows, folder, *, path=None):
     """``confusion.png`` of the best row by CV (``ranked``) that has a saved confusion matrix;
     its path or None."""
     for r in ranked(rows):
-        if not str(r.get("status", "")).startswith("ok") or math.isnan(number(r.get("cv_mean"))):
+        if not can_be_chosen(r):
             continue
         stem = model_stem(r["features"], r["clf"])
         try:
@@ -224,7 +224,8 @@ def plot_confusion(matrix, class_names, path, *, title=""):
 
 def build_parser():
     p = OneLineParser(prog="python -m featurepipe.compare",
-                                description="Every classifier x every feature file (and their concatenation) "
+                                description="The default classifiers (every one with --all) x every feature file (and their "
+                                            "concatenation), ranked by CV on the training rows "
                                             "-> models/<dataset>/results.csv, results.md, results.png, confusion.png.")
     p.add_argument("--clf", nargs="+", metavar="NAME",
                    help=f"classifiers (default: {', '.join(DEFAULT_CLASSIFIERS)}; with --all: "

@@ -325,7 +325,8 @@ def build_parser():
     p.add_argument("--backbone", action="append", metavar="NAME",
                    help="backbone name (repeatable) or file:PATH of a Keras model; default: "
                         + " ".join(DEFAULT_BACKBONES))
-    p.add_argument("--out", help="output folder (default data/features/<name of DATA>)")
+    p.add_argument("--out", help="output folder (default data/features/<name of DATA>, or "
+                                 "featurepipe-out/<name of DATA> when that would be inside DATA)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}: the fastest measured)")
     p.add_argument("--image-size", type=int,

@@ -230,12 +230,12 @@ def default_model():
     """The saved model of the best results row by CV (``featurepipe.results.ranked``) of the
     latest extract run's data set: what predict uses without ``--model``."""
     from .paths import models_dir_for
-    from .results import current_rows, number, ranked, read_results
+    from .results import can_be_chosen, current_rows, ranked, read_results
 
     folder = models_dir_for(resolve_feature_files(None)[0])
     for row in ranked(current_rows(read_results(folder), folder)):
         model = Path(row.get("model") or "")
-        if row.get("status", "").startswith("ok") and not np.isnan(number(row.get("cv_mean"))) and model.is_file():
+        if can_be_chosen(row) and model.is_file():
             return model
     raise UsageError(f"no saved model in '{folder}'; run featurepipe compare first or pass --model")
 

@@ -32,7 +32,7 @@ from .cli import OneLineParser
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
-from .results import SELECTION_RULE, current_rows, ranked
+from .results import SELECTION_RULE, can_be_chosen, current_rows, ranked
 from .store import load, load_part, save_part
 
 AUDIT_COMMAND = "python -m featurepipe.audit"
@@ -227,7 +227,7 @@ def best_model(rows, folder):
 
     for r in ranked(rows):
         model = Path(r.get("model") or "")
-        if not r.get("status", "").startswith("ok") or math.isnan(_number(r.get("cv_mean"))):
+        if not can_be_chosen(r):
             continue
         if model.suffix != ".joblib" or not model.is_file():
             model = Path(folder) / Path(str(model)).name

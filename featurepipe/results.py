@@ -183,10 +183,14 @@ def ranked(rows):
     return sorted(rows, key=selection_key)
 
 
+def can_be_chosen(row):
+    """True for a row that finished with a CV score (the only rows a "best" may be)."""
+    return str(row.get("status", "")).startswith("ok") and not math.isnan(number(row.get("cv_mean")))
+
+
 def best_row(rows):
     """The best row by ``selection_key`` among those that finished with a CV score, or None."""
-    usable = [r for r in rows if str(r.get("status", "")).startswith("ok")
-              and not math.isnan(number(r.get("cv_mean")))]
+    usable = [r for r in rows if can_be_chosen(r)]
     return ranked(usable)[0] if usable else None
 
 
