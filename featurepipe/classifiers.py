@@ -9,19 +9,52 @@ estimator the same way.
 
 The input rows are L2-normalised feature blocks (see ``featurepipe.fit``); ``scale`` standardises
 each column so that one ``C`` grid suits every backbone.
+
+Size-aware: ``build`` sees the number of training rows and picks the bounded variant above the
+measured crossovers (docs/fit.md, "Classifiers at scale"): ``svm-rbf`` becomes a Nystroem map +
+linear SVM above ``exact_rbf_max_rows()``, ``knn`` searches a faiss IVF index above
+``exact_knn_max_rows()``, ``logreg`` caps its iterations, ``rf`` bootstraps capped samples.
+``spec.note(n_samples, n_features)`` says which variant was built (shown in the results table);
+``spec.cost(...)`` estimates the peak memory and time of one fit (``featurepipe.budget``).
 """
 
 import ast
 import importlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import UsageError
 
 PCA_DIMS = 64
+
+# Crossovers (docs/fit.md, "Classifiers at scale"); lowerable through the environment (tests).
+EXACT_RBF_MAX_ROWS = 12_000      # exact kernel SVM up to this many training rows
+NYSTROEM_COMPONENTS = 2048       # the Nystroem map's size above it
+EXACT_KNN_MAX_ROWS = 200_000     # exact faiss search (IndexFlatIP) up to this many rows, IVF above
+RF_MAX_SAMPLES = 20_000          # rows bootstrapped per tree
+
+
+def _env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def exact_rbf_max_rows():
+    """Training rows up to which ``svm-rbf`` is the exact kernel SVM (``FEATUREPIPE_EXACT_RBF_MAX_ROWS``)."""
+    return _env_int("FEATUREPIPE_EXACT_RBF_MAX_ROWS", EXACT_RBF_MAX_ROWS)
+
+
+def exact_knn_max_rows():
+    """Training rows up to which ``knn`` searches exactly (``FEATUREPIPE_EXACT_KNN_MAX_ROWS``)."""
+    return _env_int("FEATUREPIPE_EXACT_KNN_MAX_ROWS", EXACT_KNN_MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -39,6 +72,10 @@ class ClassifierSpec:
     full_grid : dict of str to list, optional
         The wider grid of the exhaustive sweep (``compare --all``); default: ``grid``.
     description : str
+    cost : callable, optional
+        ``cost(n_samples, n_features, n_classes) -> featurepipe.budget.Cost`` of one fit.
+    note : callable, optional
+        ``note(n_samples, n_features) -> str``: the bounded variant built at that size, or "".
     """
 
     name: str
@@ -46,6 +83,16 @@ class ClassifierSpec:
     grid: dict = field(default_factory=dict)
     description: str = ""
     full_grid: dict = None
+    cost: object = None
+    note: object = None
+
+    def note_for(self, *, n_samples, n_features):
+        """What the size changed (e.g. ``"nystroem 2048"``), or "" for the small-data pipeline."""
+        return self.note(int(n_samples), int(n_features)) if self.note else ""
+
+    def cost_for(self, *, n_samples, n_features, n_classes):
+        """``budget.Cost`` of one fit on (n_samples, n_features) with n_classes, or None if unknown."""
+        return self.cost(int(n_samples), int(n_features), int(n_classes)) if self.cost else None
 
     def grid_for(self, full=False):
         """The default grid, or the exhaustive sweep's with ``full``."""
@@ -121,19 +168,98 @@ class RBFKernel(TransformerMixin, BaseEstimator):
 
 
 
-def _svm_rbf(n_samples, n_features, seed):
-    from sklearn.svm import SVC
+class ScaledNystroem(TransformerMixin, BaseEstimator):
+    """A Nystroem map of the RBF kernel with ``RBFKernel``'s gamma rule; float32 output.
 
+    ``phi(x) . phi(x')`` approximates ``exp(-gamma * |x - x'|^2)`` from ``n_components`` training
+    rows, so a linear SVM on ``phi`` with the same ``C`` approximates the kernel SVM, in memory
+    linear in the rows (scikit-learn: SVC is "impractical beyond tens of thousands of samples").
+
+    Parameters
+    ----------
+    n_components : int, default=2048
+    gamma : float or "scale", default="scale"
+    random_state : int, default=0
+    """
+
+    def __init__(self, *, n_components=NYSTROEM_COMPONENTS, gamma="scale", random_state=0):
+        self.n_components = n_components
+        self.gamma = gamma
+        self.random_state = random_state
+
+    def fit(self, X, y=None):
+        """Fit the map on ``X`` of shape (n_samples, n_features); returns self."""
+        from sklearn.kernel_approximation import Nystroem
+
+        X = np.asarray(X, dtype=np.float32)
+        gamma = RBFKernel(gamma=self.gamma).fit(X[: min(len(X), 20_000)]).gamma_ if self.gamma == "scale" \
+            else float(self.gamma)
+        self.gamma_ = gamma
+        self.nystroem_ = Nystroem(kernel="rbf", gamma=gamma, n_components=min(self.n_components, len(X)),
+                                  random_state=self.random_state).fit(X)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        """The map of shape (n_rows, n_components), float32; in blocks of 20,000 rows."""
+        check_is_fitted(self, "nystroem_")
+        X = np.asarray(X, dtype=np.float32)
+        out = np.empty((len(X), self.nystroem_.components_.shape[0]), dtype=np.float32)
+        for start in range(0, len(X), 20_000):
+            out[start:start + 20_000] = self.nystroem_.transform(X[start:start + 20_000])
+        return out
+
+
+def _svm_rbf(n_samples, n_features, seed):
+    from sklearn.svm import SVC, LinearSVC
+
+    if n_samples > exact_rbf_max_rows():
+        # Bounded: the Nystroem map (same gamma rule) + a linear SVM, same C (docs/fit.md).
+        m = min(NYSTROEM_COMPONENTS, n_samples)
+        return [("scale", "passthrough"), ("kernel", ScaledNystroem(n_components=m, random_state=seed)),
+                ("clf", LinearSVC(C=10.0, dual=n_samples < 10 * m, tol=1e-3, max_iter=1000,
+                                  random_state=seed))]
     # On L2-normalised blocks directly: standardising first costs 1-2 points of accuracy.
     return [("scale", "passthrough"), ("kernel", RBFKernel(gamma="scale")),
             ("clf", SVC(kernel="precomputed", C=10.0, cache_size=500, random_state=seed))]
 
 
+def _svm_rbf_note(n_samples, n_features):
+    return f"nystroem {min(NYSTROEM_COMPONENTS, n_samples)}" if n_samples > exact_rbf_max_rows() else ""
+
+
+def _svm_rbf_cost(n, d, k):
+    from .budget import BLAS_FLOPS, LOOP_FLOPS, Cost
+
+    if n > exact_rbf_max_rows():
+        m = min(NYSTROEM_COMPONENTS, n)
+        # the map (float32) + liblinear's float64 copy; one-vs-rest passes over it
+        return Cost(memory=12.0 * n * m + 4.0 * m * d,
+                    seconds=2.0 * n * m * d / BLAS_FLOPS + 10.0 * k * n * m / LOOP_FLOPS)
+    # float32 product and distances + the float64 kernel libsvm reads
+    return Cost(memory=20.0 * n * n, seconds=2.0 * n * n * d / BLAS_FLOPS + 0.5 * k ** 0.5 * n * n / LOOP_FLOPS)
+
+
 def _logreg(n_samples, n_features, seed):
     from sklearn.linear_model import LogisticRegression
 
+    # lbfgs (multinomial) at every size; past 20,000 rows its iterations are capped (each is a
+    # pass over the data) and the tolerance loosened: measured in docs/fit.md.
+    big = n_samples > 20_000
     return [("scale", _scaler()),
-            ("clf", LogisticRegression(C=0.01, max_iter=1000, tol=1e-3, random_state=seed))]
+            ("clf", LogisticRegression(C=0.01, max_iter=300 if big else 1000, tol=3e-3 if big else 1e-3,
+                                       random_state=seed))]
+
+
+def _logreg_note(n_samples, n_features):
+    return "lbfgs max_iter 300" if n_samples > 20_000 else ""
+
+
+def _logreg_cost(n, d, k):
+    from .budget import BLAS_FLOPS, Cost
+
+    iters = 300 if n > 20_000 else 200
+    return Cost(memory=12.0 * n * d + 16.0 * n * k, seconds=iters * 4.0 * n * d * k / BLAS_FLOPS)
 
 
 def _nb(n_samples, n_features, seed):
@@ -144,59 +270,211 @@ def _nb(n_samples, n_features, seed):
             ("clf", GaussianNB())]
 
 
-def _knn(n_samples, n_features, seed):
-    from sklearn.neighbors import KNeighborsClassifier
+def _nb_cost(n, d, k):
+    from .budget import BLAS_FLOPS, Cost
 
-    # Cosine distance on the L2-normalised blocks; standardising or PCA first made it worse.
+    return Cost(memory=8.0 * n * d, seconds=20.0 * n * d * 128 / BLAS_FLOPS)
+
+
+class FaissKNN(ClassifierMixin, BaseEstimator):
+    """k nearest neighbours by cosine similarity through faiss, distance-weighted like
+    ``KNeighborsClassifier(metric="cosine", weights="distance")``.
+
+    Rows are L2-normalised and searched by inner product: exactly (``IndexFlatIP``) up to
+    ``exact_max_rows`` training rows, above that in an ``IndexIVFFlat`` of ``sqrt``-many lists
+    probed ``nprobe`` at a time (faiss: exact search is practical to about a million vectors,
+    IVF/HNSW beyond). The fitted model keeps the training rows (float32) inside the index.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=10
+    weights : {"distance", "uniform"}, default="distance"
+    exact_max_rows : int or None, default=None
+        None: ``exact_knn_max_rows()``.
+    nprobe : int, default=32
+    random_state : int, default=0
+    """
+
+    def __init__(self, *, n_neighbors=10, weights="distance", exact_max_rows=None, nprobe=32, random_state=0):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.exact_max_rows = exact_max_rows
+        self.nprobe = nprobe
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        """Index ``X`` of shape (n_samples, n_features) with labels ``y``; returns self."""
+        import faiss
+
+        if self.weights not in ("distance", "uniform"):
+            raise ValueError(f"weights must be 'distance' or 'uniform', got {self.weights!r}")
+        X = _unit_rows(X)
+        self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
+        self.n_features_in_ = X.shape[1]
+        limit = exact_knn_max_rows() if self.exact_max_rows is None else self.exact_max_rows
+        if len(X) <= limit:
+            index = faiss.IndexFlatIP(X.shape[1])
+        else:
+            nlist = int(4 * np.sqrt(len(X)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(X.shape[1]), X.shape[1], nlist,
+                                       faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(self.random_state).choice(len(X), min(len(X), 64 * nlist),
+                                                                    replace=False)
+            index.train(X[np.sort(sample)])
+            index.nprobe = self.nprobe
+        index.add(X)
+        self.index_ = index
+        return self
+
+    def __getstate__(self):  # faiss indexes are not picklable as they are: store their bytes
+        state = dict(self.__dict__)
+        if "index_" in state:
+            import faiss
+
+            state["index_"] = faiss.serialize_index(state["index_"])
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("index_"), np.ndarray):
+            import faiss
+
+            state["index_"] = faiss.deserialize_index(state["index_"])
+        self.__dict__.update(state)
+
+    def predict_proba(self, X):
+        """Class probabilities of shape (n_rows, n_classes): neighbour weights, normalised."""
+        check_is_fitted(self, "index_")
+        X = _unit_rows(X)
+        k = min(int(self.n_neighbors), self.index_.ntotal)
+        out = np.zeros((len(X), len(self.classes_)), dtype=np.float64)
+        for start in range(0, len(X), 4096):
+            sims, idx = self.index_.search(X[start:start + 4096], k)
+            dist = np.maximum(1.0 - sims.astype(np.float64), 0.0)
+            valid = idx >= 0
+            if self.weights == "uniform":
+                w = valid.astype(np.float64)
+            else:  # as scikit-learn: 1 / distance, and only the exact matches when there are any
+                with np.errstate(divide="ignore"):
+                    w = 1.0 / dist
+                exact = np.isinf(w)
+                w = np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), w) * valid
+            labels = self.y_[np.where(valid, idx, 0)]
+            block = out[start:start + 4096]
+            np.add.at(block, (np.arange(len(labels))[:, None], labels), w)
+        total = out.sum(axis=1, keepdims=True)
+        return np.divide(out, total, out=np.full_like(out, 1.0 / len(self.classes_)), where=total > 0)
+
+    def predict(self, X):
+        """Labels of shape (n_rows,)."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def _unit_rows(X):
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, 1e-12)
+
+
+def _knn(n_samples, n_features, seed):
+    # Cosine similarity on the L2-normalised blocks (faiss); standardising or PCA first made it worse.
     return [("scale", "passthrough"),
-            ("clf", KNeighborsClassifier(n_neighbors=10, metric="cosine", weights="distance",
-                                         algorithm="brute"))]
+            ("clf", FaissKNN(n_neighbors=10, weights="distance", random_state=seed))]
+
+
+def _knn_note(n_samples, n_features):
+    if n_samples > exact_knn_max_rows():
+        return f"faiss IVF {int(4 * np.sqrt(n_samples))} lists, nprobe 32"
+    return ""
+
+
+def _knn_cost(n, d, k):
+    from .budget import BLAS_FLOPS, Cost
+
+    # the index (a float32 copy of the rows); predicting n / 4 rows against them is the time
+    work = 2.0 * (n / 4) * n * d if n <= exact_knn_max_rows() else 2.0 * (n / 4) * d * (32 * n / (4 * n ** 0.5))
+    return Cost(memory=8.0 * n * d, seconds=work / BLAS_FLOPS)
 
 
 def _rf(n_samples, n_features, seed):
     from sklearn.ensemble import RandomForestClassifier
 
-    # 64 PCA components: as accurate as the raw features here and several times faster.
+    # 64 PCA components: as accurate as the raw features here and several times faster. Each tree
+    # bootstraps at most RF_MAX_SAMPLES rows, so its size (and the forest's) is bounded.
     return [("scale", _scaler()), ("pca", _pca(n_samples, n_features, seed, dims=64)),
             ("clf", RandomForestClassifier(n_estimators=100, max_features="sqrt", n_jobs=1,
+                                           max_samples=min(n_samples, RF_MAX_SAMPLES) if n_samples > RF_MAX_SAMPLES else None,
                                            random_state=seed))]
+
+
+def _rf_note(n_samples, n_features):
+    return f"{RF_MAX_SAMPLES} rows per tree" if n_samples > RF_MAX_SAMPLES else ""
+
+
+def _rf_cost(n, d, k):
+    from .budget import BLAS_FLOPS, LOOP_FLOPS, Cost
+
+    m = min(n, RF_MAX_SAMPLES)
+    nodes = 100 * 2 * m  # 100 trees, at most ~2 nodes per bootstrapped row
+    return Cost(memory=8.0 * n * d + nodes * (64 + 8 * k),
+                seconds=20.0 * n * d * 64 / BLAS_FLOPS + 100 * m * np.log2(max(m, 2)) * 8 * 30 / LOOP_FLOPS)
 
 
 def _mlp(n_samples, n_features, seed):
     from sklearn.neural_network import MLPClassifier
 
-    # Early stopping holds out 10 % of the rows: only worth it when that is a real sample.
+    # Early stopping holds out 10 % of the rows: only worth it when that is a real sample. Past
+    # 20,000 rows the epochs are capped at 50 (each is a pass over all rows).
     return [("scale", _scaler()),
             ("clf", MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-2, early_stopping=n_samples >= 500,
-                                  validation_fraction=0.1, n_iter_no_change=5, max_iter=200,
-                                  random_state=seed))]
+                                  validation_fraction=0.1, n_iter_no_change=5,
+                                  max_iter=50 if n_samples > 20_000 else 200, random_state=seed))]
+
+
+def _mlp_note(n_samples, n_features):
+    return "50 epochs at most" if n_samples > 20_000 else ""
+
+
+def _mlp_cost(n, d, k):
+    from .budget import BLAS_FLOPS, Cost
+
+    epochs = 50 if n > 20_000 else 100
+    return Cost(memory=16.0 * n * d + 8.0 * n * 256, seconds=epochs * 6.0 * n * (d * 256 + 256 * k) / BLAS_FLOPS)
+
+
+def _svm_cost(n, d, k):
+    from .budget import LOOP_FLOPS, Cost
+
+    return Cost(memory=16.0 * n * d, seconds=20.0 * k * n * d / LOOP_FLOPS)
 
 
 CLASSIFIERS = {
     "svm": ClassifierSpec(
         name="svm", build=_svm, grid={"clf__C": [0.001]}, full_grid={"clf__C": [0.0003, 0.001, 0.003, 0.01]},
-        description="linear SVM (LinearSVC), sigmoid-calibrated probabilities"),
+        description="linear SVM (LinearSVC), sigmoid-calibrated probabilities", cost=_svm_cost),
     "svm-rbf": ClassifierSpec(
         name="svm-rbf", build=_svm_rbf, grid={"clf__C": [3.0, 10.0]},
         full_grid={"clf__C": [1.0, 3.0, 10.0, 30.0, 100.0]},
-        description="RBF-kernel SVM (kernel by one matrix product), sigmoid-calibrated probabilities"),
+        description="RBF-kernel SVM (kernel by one matrix product; Nystroem + linear SVM above "
+                    f"{EXACT_RBF_MAX_ROWS:,} training rows), sigmoid-calibrated probabilities",
+        cost=_svm_rbf_cost, note=_svm_rbf_note),
     "logreg": ClassifierSpec(
         name="logreg", build=_logreg, grid={"clf__C": [0.003, 0.01, 0.03]},
         full_grid={"clf__C": [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3]},
-        description="multinomial logistic regression (lbfgs)"),
+        description="multinomial logistic regression (lbfgs)", cost=_logreg_cost, note=_logreg_note),
     "nb": ClassifierSpec(
         name="nb", build=_nb, grid={"pca__n_components": [32]}, full_grid={"pca__n_components": [16, 32, 64, 128]},
-        description="Gaussian naive Bayes on PCA components"),
+        description="Gaussian naive Bayes on PCA components", cost=_nb_cost),
     "knn": ClassifierSpec(
         name="knn", build=_knn, grid={"clf__n_neighbors": [10, 20]},
         full_grid={"clf__n_neighbors": [3, 5, 10, 20, 40]},
-        description="k nearest neighbours, cosine distance, distance-weighted"),
+        description="k nearest neighbours (faiss), cosine distance, distance-weighted; IVF index above "
+                    f"{EXACT_KNN_MAX_ROWS:,} training rows", cost=_knn_cost, note=_knn_note),
     "rf": ClassifierSpec(
         name="rf", build=_rf, grid={"clf__min_samples_leaf": [1]}, full_grid={"clf__min_samples_leaf": [1, 2, 5]},
-        description="random forest, 100 trees on 64 PCA components"),
+        description="random forest, 100 trees on 64 PCA components", cost=_rf_cost, note=_rf_note),
     "mlp": ClassifierSpec(
         name="mlp", build=_mlp, grid={"clf__alpha": [1e-2]}, full_grid={"clf__alpha": [1e-3, 1e-2, 1e-1]},
-        description="one hidden layer of 256 (MLPClassifier, early stopping)"),
+        description="one hidden layer of 256 (MLPClassifier, early stopping)", cost=_mlp_cost, note=_mlp_note),
 }
 
 # What compare and run fit when no --clf is given (``--all``: every entry, each with its full grid).

@@ -6,6 +6,10 @@ writes ``models/<dataset>/results.csv``, ``results.md`` (ranked by CV on the tra
 ``featurepipe.results.ranked``), ``results.png`` (CV mean ± std bars in that order, test accuracy
 as dots) and ``confusion.png`` (the best row by CV). Fine-tuned models saved by ``featurepipe.finetune`` (``<backbone>__finetune.json``) join
 the table as rows of their own.
+
+Every row is planned before the first fit (``plan_rows``: peak memory and rough time from the
+shapes, ``featurepipe.budget``): a row that cannot fit refuses the whole run in one line, and a
+big plan is printed. The feature sets are read one at a time.
 """
 
 import contextlib
@@ -15,22 +19,49 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from .cli import OneLineParser
 from .classifiers import CLASSIFIERS, DEFAULT_CLASSIFIERS, get_classifier, parse_grid
 from .checks import check_at_least, check_n_jobs, check_seed
 from .errors import UsageError
-from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
+from .budget import announce, check_plans
+from .fit import (add_common_arguments, feature_set_header, fit, model_stem, plan_row, read_features,
+                  resolve_feature_files)
 from .paths import models_dir_for
 from .results import best_row, can_be_chosen, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
-    """Each file alone, then all of them joined (when there are several)."""
+    """Each file alone, then all of them joined (when there are several): headers only (``X`` is
+    None; ``featurepipe.fit.read_features`` reads one set's matrix when its rows are fitted)."""
     files = [Path(f) for f in files]
-    sets = [load_feature_set([f]) for f in files]
+    sets = [feature_set_header([f]) for f in files]
     if concat and len(files) > 1:
-        sets.append(load_feature_set(files))
+        sets.append(feature_set_header(files))
     return sets
+
+
+def plan_rows(sets, specs, *, cv, grid, full, n_jobs, dask):
+    """Every row's ``budget.RowPlan``, in fitting order, from the headers' shapes alone."""
+    from .classifiers import fit_grid
+
+    plans = []
+    for fs in sets:
+        n_train = int(np.isin(fs.split, ("train", "val")).sum())
+        folds = max(2, min(cv, _smallest_class(fs)))
+        for spec in specs:
+            g = spec.grid_for(full) if grid is None else dict(grid)
+            g = fit_grid(g, n_samples=n_train * (folds - 1) // folds, n_features=fs.n_features)
+            plans.append(plan_row(fs, spec, cv=folds, grid=g, n_jobs=n_jobs, dask=dask,
+                                  input_bytes=4.0 * len(fs.paths) * fs.n_features))
+    return plans
+
+
+def _smallest_class(fs):
+    y = fs.y[np.isin(fs.split, ("train", "val"))]
+    counts = np.bincount(y) if len(y) else np.zeros(1, int)
+    return int(counts[counts > 0].min()) if (counts > 0).any() else 2
 
 
 def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_jobs=-1, seed=0,
@@ -73,19 +104,28 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
     check_n_jobs(n_jobs)
     files = resolve_feature_files(feature_files)
     clfs = list(clfs) if clfs else list(CLASSIFIERS if full else DEFAULT_CLASSIFIERS)
-    for clf in clfs:
-        get_classifier(clf)  # an unknown name fails before any fit
+    specs = [get_classifier(clf) for clf in clfs]  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
+    plans = plan_rows(sets, specs, cv=cv, grid=grid, full=full, n_jobs=n_jobs, dask=dask)
+    check_plans(plans, dask=dask)  # every row planned: a row that cannot fit refuses before any fit
+    if not quiet:
+        announce(plans)
     folder = models_dir_for(files[0], claim=True)
     rows = []
+    plan_of = iter(plans)
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
-        for fs in sets:
+        for header in sets:
+            fs = read_features(header)  # one set's matrix in memory at a time
             for clf in clfs:
                 bar.set_postfix_str(f"{fs.name} / {clf if isinstance(clf, str) else type(clf).__name__}")
                 result = fit(clf=clf, cv=cv, grid=grid, full_grid=full, n_jobs=n_jobs, seed=seed,
-                             max_seconds=max_seconds, dask=dask, reuse=not force, feature_set=fs)
+                             max_seconds=max_seconds, dask=dask, reuse=not force, feature_set=fs,
+                             planned=next(plan_of))
+                if not result.status.startswith("ok"):
+                    print(f"{fs.name} / {result.clf}: {result.status}", file=sys.stderr)
                 rows.append(result.row())
                 bar.update(1)
+            del fs
     _finetune_missing(finetune, files, folder, seed=seed, quiet=quiet)
     rows += finetune_rows(folder)
     table = update_results(folder, rows, features=files)

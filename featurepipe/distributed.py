@@ -10,8 +10,8 @@ be on a filesystem that the client and every worker see under the same path. The
 merges the parts as a local run does. A chunk whose worker dies is retried by Dask; finished
 chunks are kept, so a re-run redoes only unfinished ones.
 
-Fitting: ``with joblib_backend(address): ...`` runs joblib's parallel loops (GridSearchCV's fits)
-on the cluster through joblib's "dask" backend.
+Fitting: ``with joblib_backend(address, scatter=(X, y)): ...`` runs joblib's parallel loops
+(GridSearchCV's fits) on the cluster through joblib's "dask" backend, the data scattered once.
 
 Nothing here imports TensorFlow; Dask itself is imported inside functions only.
 """
@@ -102,10 +102,12 @@ def session(address):
 
 
 @contextmanager
-def joblib_backend(address):
+def joblib_backend(address, scatter=None):
     """Run joblib's parallel loops (e.g. GridSearchCV with ``n_jobs``) on the Dask cluster.
 
-    Results equal a local run with the same seeds: only where each fit runs changes.
+    Results equal a local run with the same seeds: only where each fit runs changes. ``scatter``
+    (e.g. ``(X, y)``) is sent to the workers once, and every task refers to it instead of carrying
+    its own copy (Dask-ML's pattern for grid searches).
 
     Yields
     ------
@@ -114,7 +116,8 @@ def joblib_backend(address):
     import joblib
 
     with session(address) as dask_client:
-        with joblib.parallel_config(backend="dask"):
+        extra = {"scatter": list(scatter)} if scatter is not None else {}
+        with joblib.parallel_config(backend="dask", **extra):
             yield dask_client
 
 

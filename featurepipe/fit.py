@@ -6,6 +6,11 @@ joined column-wise, rows aligned by ``paths``, each block L2-normalised first (a
 L2-normalised too, so predict always applies the same transform). The model is saved as
 ``models/<dataset>/<features>__<clf>.joblib`` with what predict needs, a JSON sidecar with the
 metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
+
+At scale: every fit is planned first (``plan_row``, ``featurepipe.budget``) and refused with one
+line when it cannot fit in memory; above ``search_max_rows()`` training rows the grid search runs
+on a stratified subsample and the winner is refit on all training rows (said in ``best_params``);
+a worker process killed by the system (out of memory) fails the row with one line, not a traceback.
 """
 
 import hashlib
@@ -17,7 +22,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from .cli import OneLineParser
 from . import __version__
 from .classifiers import (CLASSIFIERS, DEFAULT_CLASSIFIERS, calibrated, fit_grid, format_params, get_classifier,
                           needs_calibration, parse_grid)
+from .budget import announce, check_plans, plan_fit
 from .checks import check_at_least, check_n_jobs, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
@@ -35,6 +41,14 @@ from .results import RESULT_COLUMNS, inputs_digest, update_results
 from .store import load, write_json_atomic
 
 MODEL_FORMAT = "featurepipe-model/1"
+SEARCH_MAX_ROWS = 20_000  # above this many training rows, the grid search runs on a subsample
+
+
+def search_max_rows():
+    """Training rows up to which the grid search uses all of them (``FEATUREPIPE_SEARCH_MAX_ROWS``)."""
+    from .classifiers import _env_int
+
+    return _env_int("FEATUREPIPE_SEARCH_MAX_ROWS", SEARCH_MAX_ROWS)
 
 
 # --------------------------------------------------------------------------- places
@@ -72,7 +86,7 @@ class FeatureSet:
     name : str
         File stems joined by ``+`` (``squeezenet+mobilenet_v2``).
     dataset : str
-    X : ndarray of shape (n_samples, sum of block dims), float32
+    X : ndarray of shape (n_samples, sum of block dims), float32, or None (``feature_set_header``)
     y : ndarray of shape (n_samples,), int32
     paths, split : ndarray of shape (n_samples,), str
     class_names : list of str
@@ -92,6 +106,10 @@ class FeatureSet:
     blocks: list
     n_dropped: int = 0
 
+    @property
+    def n_features(self):
+        return sum(b["dim"] for b in self.blocks)
+
 
 def l2_normalize(X):
     """Rows scaled to unit L2 norm (zero rows stay zero); float32 (n, d)."""
@@ -101,22 +119,40 @@ def l2_normalize(X):
 
 
 def join_blocks(blocks):
-    """L2-normalise each (n, d_i) block and concatenate them -> (n, sum d_i) float32."""
-    return np.hstack([l2_normalize(b) for b in blocks]).astype(np.float32, copy=False)
+    """L2-normalise each (n, d_i) block and concatenate them -> (n, sum d_i) float32.
+
+    Written block by block into one array: the only full-size allocation is the result.
+    """
+    blocks = list(blocks)
+    out = np.empty((len(blocks[0]), sum(b.shape[1] for b in blocks)), dtype=np.float32)
+    col = 0
+    for b in blocks:
+        for start in range(0, len(b), 65_536):
+            out[start:start + 65_536, col:col + b.shape[1]] = l2_normalize(b[start:start + 65_536])
+        col += b.shape[1]
+    return out
 
 
 def load_feature_set(feature_files):
     """Load and join feature files by path.
 
+    The metadata of every file is read first (``feature_set_header``); then each file's features
+    are read in blocks, L2-normalised and written into the one joined float32 matrix (n, sum of
+    dims): no float64 and no second full-size copy, so the peak is the joined matrix plus a block.
+
     Raises DataError for files with different class names, rows whose split differs between
     files, NaN or infinite features, or no paths in common.
     """
+    return read_features(feature_set_header(feature_files))
+
+
+def feature_set_header(feature_files):
+    """The FeatureSet of ``feature_files`` without its matrix (``X`` is None): names, rows,
+    labels, splits and block dims, from the files' metadata only. Raises as ``load_feature_set``."""
     files = [Path(f) for f in feature_files]
     if len({f.resolve() for f in files}) != len(files):
         raise UsageError("a feature file is named twice in --features")
-    loaded = [load(f) for f in files]
-    for f in loaded:
-        _check_finite(f)
+    loaded = [load(f, features=False) for f in files]
     first = loaded[0]
     for f in loaded[1:]:
         if f.class_names != first.class_names:
@@ -138,21 +174,50 @@ def load_feature_set(feature_files):
                             f"'{first.source}', e.g. {paths[differ[0]]}; extract them with the same seed")
         if not np.array_equal(f.y, aligned[0].y):
             raise DataError(f"labels differ between '{f.source}' and '{first.source}'")
-    blocks = [{"name": Path(f.source).stem, "dim": int(f.X.shape[1]), "attrs": dict(f.attrs),
+    blocks = [{"name": Path(f.source).stem, "dim": _feature_dim(f.source), "attrs": dict(f.attrs),
                "file": str(Path(f.source).resolve())} for f in aligned]
     return FeatureSet(name="+".join(b["name"] for b in blocks), dataset=dataset_name(files[0]),
-                      X=join_blocks([f.X for f in aligned]), y=aligned[0].y,
-                      paths=np.asarray(paths, dtype=object), split=aligned[0].split,
+                      X=None, y=aligned[0].y, paths=np.asarray(paths, dtype=object), split=aligned[0].split,
                       class_names=list(first.class_names), blocks=blocks,
                       n_dropped=len(union) - len(common))
 
 
-def _check_finite(features):
+def read_features(header):
+    """``header`` (from ``feature_set_header``) with its joined, block-normalised float32 matrix."""
+    from .store import iter_feature_blocks
+
+    paths = list(header.paths)
+    X = np.empty((len(paths), sum(b["dim"] for b in header.blocks)), dtype=np.float32)
+    col = 0
+    for b in header.blocks:
+        names = load(b["file"], features=False).paths
+        where = {p: i for i, p in enumerate(names)}
+        rows = np.array([where[p] for p in paths], dtype=np.int64)  # file row of each joined row
+        order = np.argsort(rows, kind="stable")
+        for idx, block in iter_feature_blocks(b["file"], rows[order], block=16_384):
+            dest = order[np.searchsorted(rows[order], idx)]
+            _check_finite_block(block, b["file"], names[idx])
+            X[dest, col:col + b["dim"]] = l2_normalize(block)
+        col += b["dim"]
+    return replace(header, X=X)
+
+
+def _feature_dim(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        shape = f["features"].shape
+    if len(shape) != 2:
+        raise DataError(f"'{path}': features shape {shape} is not (rows, dims)")
+    return int(shape[1])
+
+
+def _check_finite_block(block, source, paths):
     """NaN or infinite features (a damaged or foreign file) would fail deep inside scikit-learn."""
-    bad = np.flatnonzero(~np.isfinite(features.X).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
     if len(bad):
-        raise DataError(f"'{features.source}' has {len(bad)} rows with NaN or infinite features, e.g. "
-                        f"{features.paths[bad[0]]}; extract it again (python -m featurepipe.extract "
+        raise DataError(f"'{Path(source).name}' has rows with NaN or infinite features, e.g. "
+                        f"{paths[bad[0]]}; extract it again (python -m featurepipe.extract "
                         "... --overwrite)")
 
 
@@ -202,7 +267,7 @@ class FitResult:
 
 
 def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jobs=-1, seed=0,
-        max_seconds=None, dask=None, reuse=False, save=True, feature_set=None):
+        max_seconds=None, dask=None, reuse=False, save=True, feature_set=None, planned=None):
     """Grid-search a classifier on the train (+ val) rows, score it once on the test rows, save it.
 
     Parameters
@@ -231,6 +296,9 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
         Write the model, its JSON sidecar and the results row.
     feature_set : FeatureSet, optional
         Already loaded ``feature_files`` (compare loads each set once).
+    planned : RowPlan, optional
+        The row was planned and checked already (compare plans every row first); otherwise the
+        plan is made and checked here, before anything is fitted (UsageError when it cannot fit).
 
     Returns
     -------
@@ -250,7 +318,11 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     grid = spec.grid_for(full_grid) if grid is None else dict(grid)
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
-    key = row_key(files, spec.name, pipeline, grid, folds, seed)
+    plan = plan_row(fs, spec, cv=folds, grid=grid, n_jobs=n_jobs, dask=dask)
+    if planned is None:
+        check_plans([plan], dask=dask)
+        announce([plan])
+    key = row_key(files, spec.name, pipeline, grid, folds, seed, search_rows=plan.search_rows)
     folder = models_dir_for(files[0], claim=save)
     stem = model_stem(fs.name, spec.name)
     if reuse:
@@ -263,15 +335,42 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     try:
         found = _run_limited(search, dict(X=fs.X[train], y=fs.y[train], pipeline=pipeline, grid=grid,
                                           cv=folds, n_jobs=n_jobs, seed=seed, dask=dask), max_seconds)
-    except _TimedOut:
-        result = FitResult(status=f"timed out after {max_seconds:g} s", fit_seconds=time.perf_counter() - started, **base)
+    except (_TimedOut, _WorkerDied) as err:
+        status = (f"timed out after {max_seconds:g} s" if isinstance(err, _TimedOut) else
+                  f"failed: {err}")
+        result = FitResult(status=status, fit_seconds=time.perf_counter() - started, **base)
         if save:
             update_results(folder, [result.row()])
         return result
+    found["best_params"] = dict(found["best_params"])
+    found["note"] = "; ".join(n for n in (plan.note, _subsample_note(found["search_rows"], len(train))) if n)
     result = _score(found, fs, test, base, time.perf_counter() - started)
     if save:
         result = _save(result, found["model"], fs, folder, stem)
     return result
+
+
+def plan_row(fs, spec, *, cv, grid, n_jobs, dask=None, input_bytes=0):
+    """The ``budget.RowPlan`` of fitting ``spec`` on feature set ``fs`` (a header is enough:
+    nothing is read or fitted). ``input_bytes``: a matrix still to be loaded, counted in the peak."""
+    train = np.flatnonzero(np.isin(fs.split, ("train", "val")))
+    search_rows = min(len(train), search_max_rows())
+    workers = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+    pipeline = spec.make(n_samples=len(train), n_features=fs.n_features)
+    plan = plan_fit(spec, features=fs.name, n_train=len(train), n_features=fs.n_features,
+                    n_classes=len(fs.class_names), n_candidates=_n_candidates(grid), folds=cv,
+                    search_rows=search_rows, n_jobs=1 if dask else max(1, workers),
+                    calibrated=needs_calibration(pipeline), input_bytes=input_bytes)
+    note = "; ".join(n for n in (plan.note, _subsample_note(search_rows, len(train))) if n)
+    return replace(plan, note=note)
+
+
+def _n_candidates(grid):
+    return math.prod(len(v) for v in grid.values()) if grid else 1
+
+
+def _subsample_note(search_rows, n_train):
+    return f"chosen by CV on a {search_rows}-row subsample" if search_rows < n_train else ""
 
 
 def _split_rows(fs):
@@ -308,36 +407,46 @@ def _check_grid(pipeline, grid, name):
             raise UsageError(f"grid values for '{key}' must be a non-empty list, got {values!r}")
 
 
-def row_key(files, clf, pipeline, grid, cv, seed):
+def row_key(files, clf, pipeline, grid, cv, seed, *, search_rows=None):
     """A digest of everything a results row depends on (inputs by size and mtime)."""
     parts = []
     for f in files:
         st = Path(f).stat()
         parts.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"files": parts, "clf": clf, "pipeline": repr(pipeline), "grid": repr(sorted(grid.items())),
-                       "cv": cv, "seed": seed, "version": __version__}, sort_keys=True)
+                       "cv": cv, "seed": seed, "version": __version__,
+                       **({"search_rows": search_rows} if search_rows else {})}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
+def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None, max_rows=None):
     """Stratified grid search, then a refit on all rows (calibrated when needed).
+
+    With more than ``max_rows`` rows (default ``search_max_rows()``) the grid search runs on a
+    stratified subsample of ``max_rows`` of them; the winner is refit on all rows.
 
     Returns
     -------
-    dict with ``model`` (fitted), ``best_params``, ``cv_mean``, ``cv_std``, ``convergence_warnings``
+    dict with ``model`` (fitted), ``best_params``, ``cv_mean``, ``cv_std``, ``convergence_warnings``,
+    ``search_rows`` (rows the CV scores come from)
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    rows = _search_rows(y, search_max_rows() if max_rows is None else max_rows, seed)
+    Xs, ys = (X, y) if rows is None else (X[rows], y[rows])
     folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
     gs = GridSearchCV(pipeline, grid, cv=folds, n_jobs=n_jobs, refit=False, error_score="raise")
-    with _joblib_backend(dask), warnings.catch_warnings():
+    with _joblib_backend(dask, (Xs, ys)), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         try:
-            gs.fit(X, y)
+            gs.fit(Xs, ys)
         except ValueError as err:
             raise UsageError(f"the grid search failed: {err}") from None
+        except _worker_death_errors() as err:
+            raise _WorkerDied(KILLED_WORKER) from err
+    del Xs, ys
     best = gs.best_params_
     final = clone(pipeline).set_params(**best)
     if needs_calibration(final):
@@ -348,19 +457,54 @@ def search(*, X, y, pipeline, grid, cv, n_jobs, seed, dask=None):
     n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     i = gs.best_index_
     return {"model": final, "best_params": best, "cv_mean": float(gs.cv_results_["mean_test_score"][i]),
-            "cv_std": float(gs.cv_results_["std_test_score"][i]), "convergence_warnings": n_warn}
+            "cv_std": float(gs.cv_results_["std_test_score"][i]), "convergence_warnings": n_warn,
+            "search_rows": len(y) if rows is None else len(rows)}
 
 
-def _joblib_backend(dask):
+def _search_rows(y, max_rows, seed):
+    """Sorted indices of a stratified subsample of ``max_rows`` rows, or None to use them all."""
+    if len(y) <= max_rows:
+        return None
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(y))
+    counts = np.bincount(y)
+    # every class in proportion (a uniform sample when a class has a single row)
+    if counts[counts > 0].min() < 2:
+        return np.sort(np.random.default_rng(seed).choice(index, max_rows, replace=False))
+    keep, _ = train_test_split(index, train_size=max_rows, stratify=y, random_state=seed)
+    return np.sort(keep)
+
+
+def _joblib_backend(dask, scatter=None):
     if not dask:
         return loky_workers_die_with_parent()
     from .distributed import joblib_backend  # only when --dask is given
 
-    return joblib_backend(dask)
+    return joblib_backend(dask, scatter=scatter)
 
 
 class _TimedOut(Exception):
     pass
+
+
+KILLED_WORKER = ("a worker process was killed (out of memory?); use a smaller --clf (logreg, knn), "
+                 "fewer --n-jobs, fewer --features files, or --dask")
+
+
+class _WorkerDied(Exception):
+    """A process of the search died from outside (the kernel's OOM killer, a SIGKILL)."""
+
+
+def _worker_death_errors():
+    """The exceptions joblib raises when a worker process dies (loky, multiprocessing)."""
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    try:
+        from concurrent.futures.process import BrokenProcessPool
+    except ImportError:  # pragma: no cover
+        return (TerminatedWorkerError,)
+    return (TerminatedWorkerError, BrokenProcessPool)
 
 
 def _child(conn, func, kwargs, parent_pid):
@@ -387,7 +531,7 @@ def _run_limited(func, kwargs, seconds):
             raise _TimedOut()
         status, value = recv.recv()
     except EOFError:
-        raise DataError("the fit's child process died (out of memory?)") from None
+        raise _WorkerDied(KILLED_WORKER.replace("a worker process", "the fit's child process")) from None
     finally:
         if proc.is_alive():
             proc.kill()
@@ -402,7 +546,8 @@ def _score(found, fs, test, base, seconds):
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
     model = found["model"]
-    params = dict(best_params=format_params(found["best_params"]), cv_mean=found["cv_mean"],
+    best = "; ".join(p for p in (format_params(found["best_params"]), found.get("note", "")) if p)
+    params = dict(best_params=best, cv_mean=found["cv_mean"],
                   cv_std=found["cv_std"], convergence_warnings=found["convergence_warnings"],
                   fit_seconds=seconds)
     if len(test) == 0:

@@ -204,8 +204,9 @@ def test_dask_option_runs_the_search_in_the_distributed_backend(monkeypatch, syn
     entered = []
 
     @contextmanager
-    def joblib_backend(address):
+    def joblib_backend(address, scatter=None):
         entered.append(address)
+        assert scatter is not None and len(scatter) == 2  # X and y, sent to the workers once
         yield
 
     monkeypatch.setitem(sys.modules, "featurepipe.distributed",
