@@ -154,13 +154,11 @@ def check_plans(plans, *, available=None, dask=None):
 
 
 def _refusal(plan, budget, dask):
-    fixes = {"svm-rbf": "it is bounded above FEATUREPIPE_EXACT_RBF_MAX_ROWS (lower it)",
-             "rf": "use --clf logreg or knn", "mlp": "use --clf logreg or knn",
-             "svm": "use --clf logreg"}
-    fix = fixes.get(plan.clf, "use --clf logreg or knn")
+    fix = {"svm-rbf": "use --clf logreg or knn (or lower FEATUREPIPE_EXACT_RBF_MAX_ROWS: Nystroem)",
+           "svm": "use --clf logreg or knn"}.get(plan.clf, "use --clf logreg or knn")
     where = "" if dask else ", or run the grid on a cluster with --dask tcp://HOST:8786"
-    return (f"{plan.features} / {plan.clf} needs ~{_size(plan.memory)} for {plan.n_train:,} x "
-            f"{plan.n_features:,} rows but ~{_size(budget)} is available: {fix}, pass fewer "
+    return (f"{plan.features} / {plan.clf} needs ~{_size(plan.memory)} for {plan.n_train:,} rows x "
+            f"{plan.n_features:,} features but ~{_size(budget)} is available: {fix}, pass fewer "
             f"--features files{where} (nothing was fitted)")
 
 
@@ -179,7 +177,9 @@ def announce(plans, *, file=None):
 
 
 def _size(n):
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / (1 << 20):.0f} MB"
+    if n >= GB / 10:
+        return f"{n / GB:.1f} GB"
+    return f"{n / (1 << 20):.0f} MB" if n >= 1 << 20 else f"{n / 1024:.0f} KB"
 
 
 def _duration(seconds):
