@@ -51,7 +51,7 @@ def plan_rows(sets, specs, *, cv, grid, full, n_jobs, dask):
         n_train = int(np.isin(fs.split, ("train", "val")).sum())
         folds = max(2, min(cv, _smallest_class(fs)))
         for spec in specs:
-            g = spec.grid_for(full) if grid is None else dict(grid)
+            g = spec.grid_for(full, n_samples=n_train, n_features=fs.n_features) if grid is None else dict(grid)
             g = fit_grid(g, n_samples=n_train * (folds - 1) // folds, n_features=fs.n_features)
             plans.append(plan_row(fs, spec, cv=folds, grid=g, n_jobs=n_jobs, dask=dask,
                                   input_bytes=4.0 * len(fs.paths) * fs.n_features))

@@ -315,7 +315,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     train, test = _split_rows(fs)
     folds = _folds(cv, fs.y[train])
     pipeline = spec.make(n_samples=len(train), n_features=fs.X.shape[1], seed=seed)
-    grid = spec.grid_for(full_grid) if grid is None else dict(grid)
+    grid = spec.grid_for(full_grid, n_samples=len(train), n_features=fs.n_features) if grid is None else dict(grid)
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
     plan = plan_row(fs, spec, cv=folds, grid=grid, n_jobs=n_jobs, dask=dask)
