@@ -227,3 +227,23 @@ def test_compare_on_dask_gives_the_same_table(cluster, tmp_path):
     with Client(cluster, set_as_default=False) as watcher, get_task_stream(client=watcher) as tasks:
         assert table(dask=cluster) == local
     assert len(tasks.data) >= 6 * 3                      # every search's folds ran on the workers
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm-rbf"])
+def test_fit_on_dask_equals_the_local_fit(cluster, tmp_path, monkeypatch, clf):
+    # The search runs on a stratified subsample (scattered to the workers once) and, for svm-rbf,
+    # on the bounded Nystroem variant: the same rows, scores and model as the local run.
+    from featurepipe.fit import fit
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from featurefiles import separable, write_features
+
+    monkeypatch.setenv("FEATUREPIPE_SEARCH_MAX_ROWS", "45")
+    monkeypatch.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "30")
+    X, y, paths, split = separable(n_per_class=30)
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    local = fit([f], clf, cv=3, n_jobs=2, save=False)
+    remote = fit([f], clf, cv=3, n_jobs=2, dask=cluster, save=False)
+    assert "45-row subsample" in local.best_params
+    for field in ("best_params", "cv_mean", "cv_std", "test_accuracy", "n_train", "status", "confusion"):
+        assert getattr(remote, field) == getattr(local, field), field
