@@ -107,7 +107,7 @@ class RowPlan:
 
 
 def plan_fit(spec, *, features, n_train, n_features, n_classes, n_candidates, folds, search_rows,
-             n_jobs, calibrated, input_bytes=0):
+             n_jobs, calibrated, input_bytes=0, train_view=False):
     """The RowPlan of one fit: the search's parallel fits, then the refit on all training rows.
 
     Parameters
@@ -124,12 +124,14 @@ def plan_fit(spec, *, features, n_train, n_features, n_classes, n_candidates, fo
     calibrated : bool
         The refit is ``CalibratedClassifierCV`` (3 extra fits on 2/3 of the rows).
     input_bytes : int
-        The feature matrix already in memory (counted once).
+        The feature matrix still to be read (counted once).
+    train_view : bool
+        The training rows are a view of the matrix (compare), not a copy.
     """
     fold_rows = max(2, search_rows * (folds - 1) // folds)
     one = spec.cost_for(n_samples=fold_rows, n_features=n_features, n_classes=n_classes)
     final = spec.cost_for(n_samples=n_train, n_features=n_features, n_classes=n_classes)
-    train_copy = 4.0 * n_train * n_features
+    train_copy = 0.0 if train_view else 4.0 * n_train * n_features
     if one is None or final is None:
         return RowPlan(features, spec.name, n_train, n_features, n_classes, search_rows,
                        input_bytes + 2 * train_copy, 0.0, "cost unknown")

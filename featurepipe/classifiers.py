@@ -267,7 +267,8 @@ def _logreg_cost(n, d, k):
     from .budget import BLAS_FLOPS, Cost
 
     iters = 100
-    return Cost(memory=12.0 * n * d + 16.0 * n * k, seconds=iters * 4.0 * n * d * k / BLAS_FLOPS)
+    # the standardised copy (float32) and a few (n, k) float64 arrays of the loss
+    return Cost(memory=4.0 * n * d + 24.0 * n * k, seconds=iters * 4.0 * n * d * k / BLAS_FLOPS)
 
 
 def _nb(n_samples, n_features, seed):
@@ -400,7 +401,7 @@ def _knn_cost(n, d, k):
 
     # the index (a float32 copy of the rows); predicting n / 4 rows against them is the time
     work = 2.0 * (n / 4) * n * d if n <= exact_knn_max_rows() else 2.0 * (n / 4) * d * (32 * n / (4 * n ** 0.5))
-    return Cost(memory=8.0 * n * d, seconds=work / BLAS_FLOPS)
+    return Cost(memory=4.0 * n * d + 8.0 * 4096 * 64, seconds=work / BLAS_FLOPS)
 
 
 def _rf(n_samples, n_features, seed):

@@ -54,7 +54,7 @@ def plan_rows(sets, specs, *, cv, grid, full, n_jobs, dask):
             g = spec.grid_for(full, n_samples=n_train, n_features=fs.n_features) if grid is None else dict(grid)
             g = fit_grid(g, n_samples=n_train * (folds - 1) // folds, n_features=fs.n_features)
             plans.append(plan_row(fs, spec, cv=folds, grid=g, n_jobs=n_jobs, dask=dask,
-                                  input_bytes=4.0 * len(fs.paths) * fs.n_features))
+                                  input_bytes=4.0 * len(fs.paths) * fs.n_features, train_view=True))
     return plans
 
 
@@ -115,7 +115,7 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
     plan_of = iter(plans)
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
         for header in sets:
-            fs = read_features(header)  # one set's matrix in memory at a time
+            fs = read_features(header, train_first=True)  # one set's matrix at a time
             for clf in clfs:
                 bar.set_postfix_str(f"{fs.name} / {clf if isinstance(clf, str) else type(clf).__name__}")
                 result = fit(clf=clf, cv=cv, grid=grid, full_grid=full, n_jobs=n_jobs, seed=seed,

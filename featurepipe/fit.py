@@ -182,10 +182,17 @@ def feature_set_header(feature_files):
                       n_dropped=len(union) - len(common))
 
 
-def read_features(header):
-    """``header`` (from ``feature_set_header``) with its joined, block-normalised float32 matrix."""
+def read_features(header, *, train_first=False):
+    """``header`` (from ``feature_set_header``) with its joined, block-normalised float32 matrix.
+
+    ``train_first``: rows reordered so that the train and val rows come first (each part in path
+    order), which lets fit take the training rows as a view instead of a copy.
+    """
     from .store import iter_feature_blocks
 
+    if train_first:
+        order = np.argsort(~np.isin(header.split, ("train", "val")), kind="stable")
+        header = replace(header, y=header.y[order], paths=header.paths[order], split=header.split[order])
     paths = list(header.paths)
     X = np.empty((len(paths), sum(b["dim"] for b in header.blocks)), dtype=np.float32)
     col = 0
@@ -318,7 +325,8 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     grid = spec.grid_for(full_grid, n_samples=len(train), n_features=fs.n_features) if grid is None else dict(grid)
     _check_grid(pipeline, grid, spec.name)
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
-    plan = plan_row(fs, spec, cv=folds, grid=grid, n_jobs=n_jobs, dask=dask)
+    plan = plan_row(fs, spec, cv=folds, grid=grid, n_jobs=n_jobs, dask=dask,
+                    train_view=len(train) and train[-1] - train[0] + 1 == len(train))
     if planned is None:
         check_plans([plan], dask=dask)
         announce([plan])
@@ -333,7 +341,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
                 n_dropped=fs.n_dropped, class_names=fs.class_names, inputs=inputs_digest(files))
     started = time.perf_counter()
     try:
-        found = _run_limited(search, dict(X=fs.X[train], y=fs.y[train], pipeline=pipeline, grid=grid,
+        found = _run_limited(search, dict(X=rows_of(fs.X, train), y=fs.y[train], pipeline=pipeline, grid=grid,
                                           cv=folds, n_jobs=n_jobs, seed=seed, dask=dask), max_seconds)
     except (_TimedOut, _WorkerDied) as err:
         status = (f"timed out after {max_seconds:g} s" if isinstance(err, _TimedOut) else
@@ -350,7 +358,7 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     return result
 
 
-def plan_row(fs, spec, *, cv, grid, n_jobs, dask=None, input_bytes=0):
+def plan_row(fs, spec, *, cv, grid, n_jobs, dask=None, input_bytes=0, train_view=False):
     """The ``budget.RowPlan`` of fitting ``spec`` on feature set ``fs`` (a header is enough:
     nothing is read or fitted). ``input_bytes``: a matrix still to be loaded, counted in the peak."""
     train = np.flatnonzero(np.isin(fs.split, ("train", "val")))
@@ -360,9 +368,17 @@ def plan_row(fs, spec, *, cv, grid, n_jobs, dask=None, input_bytes=0):
     plan = plan_fit(spec, features=fs.name, n_train=len(train), n_features=fs.n_features,
                     n_classes=len(fs.class_names), n_candidates=_n_candidates(grid), folds=cv,
                     search_rows=search_rows, n_jobs=1 if dask else max(1, workers),
-                    calibrated=needs_calibration(pipeline), input_bytes=input_bytes)
+                    calibrated=needs_calibration(pipeline), input_bytes=input_bytes, train_view=train_view)
     note = "; ".join(n for n in (plan.note, _subsample_note(search_rows, len(train))) if n)
     return replace(plan, note=note)
+
+
+def rows_of(X, index):
+    """``X[index]``: a view without a copy when ``index`` is a contiguous run of rows (compare puts
+    the training rows first, see ``read_features``), else a copy."""
+    if len(index) and index[-1] - index[0] + 1 == len(index):
+        return X[int(index[0]):int(index[-1]) + 1]
+    return X[index]
 
 
 def _n_candidates(grid):
@@ -553,7 +569,7 @@ def _score(found, fs, test, base, seconds):
     if len(test) == 0:
         return FitResult(**base, **params, status="ok (no test rows)")
     t0 = time.perf_counter()
-    proba = model.predict_proba(fs.X[test])
+    proba = model.predict_proba(rows_of(fs.X, test))
     ms = (time.perf_counter() - t0) * 1000 / len(test)
     pred = model.classes_[np.argmax(proba, axis=1)]
     y = fs.y[test]
