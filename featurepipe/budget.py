@@ -156,8 +156,9 @@ def check_plans(plans, *, available=None, dask=None):
 
 
 def _refusal(plan, budget, dask):
-    fix = {"svm-rbf": "use --clf logreg or knn (or lower FEATUREPIPE_EXACT_RBF_MAX_ROWS: Nystroem)",
-           "svm": "use --clf logreg or knn"}.get(plan.clf, "use --clf logreg or knn")
+    fix = "use --clf logreg or knn"
+    if plan.clf == "svm-rbf" and "nystroem" not in plan.note:  # the exact kernel: the map is bounded
+        fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {plan.n_train} (Nystroem), or {fix}"
     where = "" if dask else ", or run the grid on a cluster with --dask tcp://HOST:8786"
     return (f"{plan.features} / {plan.clf} needs ~{_size(plan.memory)} for {plan.n_train:,} rows x "
             f"{plan.n_features:,} features but ~{_size(budget)} is available: {fix}, pass fewer "
