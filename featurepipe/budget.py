@@ -99,6 +99,7 @@ class RowPlan:
     memory: float
     seconds: float
     note: str = ""
+    refit_memory: float = 0.0  # the part a cluster cannot take: the refit runs in this process
 
     def line(self):
         return (f"{self.features} / {self.clf}: {self.n_train:,} train rows x {self.n_features:,} features, "
@@ -143,7 +144,7 @@ def plan_fit(spec, *, features, n_train, n_features, n_classes, n_candidates, fo
     memory = input_bytes + train_copy + max(search_memory, final.memory)
     note = spec.note_for(n_samples=n_train, n_features=n_features)
     return RowPlan(features, spec.name, n_train, n_features, n_classes, search_rows, memory,
-                   search_seconds + refit_seconds, note)
+                   search_seconds + refit_seconds, note, input_bytes + train_copy + final.memory)
 
 
 def check_plans(plans, *, available=None, dask=None):
@@ -159,7 +160,8 @@ def _refusal(plan, budget, dask):
     fix = "use --clf logreg or knn"
     if plan.clf == "svm-rbf" and "nystroem" not in plan.note:  # the exact kernel: the map is bounded
         fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {plan.n_train} (Nystroem), or {fix}"
-    where = "" if dask else ", or run the grid on a cluster with --dask tcp://HOST:8786"
+    # --dask moves the search's fits, not the refit on all rows
+    where = "" if dask or plan.refit_memory > budget else ", or run the grid on a cluster with --dask tcp://HOST:8786"
     return (f"{plan.features} / {plan.clf} needs ~{_size(plan.memory)} for {plan.n_train:,} rows x "
             f"{plan.n_features:,} features but ~{_size(budget)} is available: {fix}, pass fewer "
             f"--features files{where} (nothing was fitted)")

@@ -672,7 +672,7 @@ def main(argv=None):
     if result.report:
         print(result.report)
     if result.model:
-        print(f"saved {result.model}")
+        print(f"saved {result.model} ({Path(result.model).stat().st_size / 2**20:.1f} MB)")
     return 0 if result.status.startswith("ok") else 1
 
 
