@@ -194,6 +194,6 @@ def test_duplicates_are_searched_in_whitened_space():
     paths = np.array([f"a/{i:03d}.jpg" for i in range(200)], dtype=object)
     fs = FeatureSet(name="x", dataset="d", X=X, y=np.zeros(200, np.int32), paths=paths,
                     split=np.array(["train"] * 200, dtype=object), class_names=["a"], blocks=[])
-    pairs, groups = find_duplicates(fs)
+    pairs, groups, _ = find_duplicates(fs)
     assert sorted((p.path_a, p.path_b) for p in pairs) == [("a/003.jpg", "a/100.jpg"), ("a/060.jpg", "a/150.jpg")]
     assert groups == 2
