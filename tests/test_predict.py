@@ -166,10 +166,10 @@ def test_predict_streams_rows_to_the_csv_chunk_by_chunk(tmp_path, monkeypatch, c
     fake = _RecordingModel(tmp_path)
     monkeypatch.setattr(predictmod, "CHUNK", 4)
     monkeypatch.setattr(predictmod, "load_model", lambda *a, **k: fake)
-    bars = []
+    bars, original = [], predictmod._progress
 
     def progress(total, show):
-        bar = predictmod._progress(total, show)
+        bar = original(total, show)
         bars.append(bar)
         return bar
 
