@@ -291,13 +291,14 @@ def best_section(row, bundle, thumbs, *, limits, folder):
 
     cells, cap = {}, 0
     if len(labels) <= limits.matrix_classes:
-        cap = cell_cap(matrix.ravel(), per_cell=limits.cell_images, total=limits.cell_total)
+        allowance = cell_allowance(matrix, per_cell=limits.cell_images, total=limits.cell_total)
+        cap = int(allowance.max())
         order = np.lexsort((-prob, pred, true))  # by cell, most confident first
         starts = np.searchsorted(true[order] * len(labels) + pred[order], np.arange(len(labels) ** 2))
         for t in labels:
             for p in labels:
                 at = t * len(labels) + p
-                members = order[starts[at]:starts[at] + min(int(matrix[t, p]), cap)]
+                members = order[starts[at]:starts[at] + int(allowance[t, p])]
                 cells[f"{t},{p}"] = {"n": int(matrix[t, p]), "items": [item(k) for k in members]}
     wrong = np.flatnonzero(true != pred)
     wrong = wrong[np.argsort(-prob[wrong], kind="stable")]
@@ -319,18 +320,24 @@ def best_section(row, bundle, thumbs, *, limits, folder):
     }, fs, predictions
 
 
-def cell_cap(counts, *, per_cell, total):
-    """The largest number of images per confusion cell (at most ``per_cell``) such that all cells
-    together show at most ``total``: small cells show all their images, large ones are levelled."""
+def cell_allowance(counts, *, per_cell, total):
+    """How many images each confusion cell shows: at most ``per_cell``, at most ``total`` over all
+    cells; small cells show all their images, large ones are levelled (the same share each, the
+    remainder one more for the first cells that have more). ndarray shaped like ``counts``."""
     counts = np.asarray(counts)
     lo, hi = 0, per_cell
-    while lo < hi:  # the largest cap whose sum fits
+    while lo < hi:  # the largest level whose sum fits
         mid = (lo + hi + 1) // 2
         if np.minimum(counts, mid).sum() <= total:
             lo = mid
         else:
             hi = mid - 1
-    return lo
+    allowance = np.minimum(counts, lo)
+    if lo < per_cell:
+        room = int(total - allowance.sum())
+        more = np.flatnonzero(counts.ravel() > lo)[:max(room, 0)]
+        allowance.ravel()[more] += 1
+    return allowance
 
 
 def duplicates_section(audit_dir, thumbs, *, limits):
