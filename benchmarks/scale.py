@@ -22,15 +22,17 @@ with its peak RSS (``wait4``'s ``ru_maxrss``: the largest single process among i
 children) and the sampled peak RSS of its whole process tree (psutil, every 0.5 s):
 
 * ``compare``: ``featurepipe compare --features <the files>`` (default classifiers);
-* ``fit``: ``featurepipe fit --clf logreg --grid C=0.01 --cv 2`` on the joined files: a model for
-  the audit's re-scoring and the report's best-model section when compare did not leave one;
+* ``fit``: ``featurepipe fit --clf nb --cv 2`` on the joined files (naive Bayes on 32 PCA axes: a
+  cheap model) for the audit's re-scoring and the report's best-model section when compare did not
+  leave one;
 * ``audit``: ``featurepipe audit --features <the files>``;
 * ``report``: ``featurepipe report --features <the files>`` (the page size is noted);
 * ``predict``: ``featurepipe predict FOLDER --csv OUT`` on N small JPEGs (links to the pool)
   with a squeezenet + logreg model fitted on a small labelled folder made here.
 
-A stage that fails, is killed or runs past ``--timeout`` is recorded (status, last stderr line);
-the harness itself goes on. It prints one Markdown table and saves it as ``<out>/scale-<date>.md``.
+A stage that fails, is killed, runs past ``--timeout`` or holds more than ``--max-rss-gb`` (then the
+harness kills it, rather than let the kernel's OOM killer choose on a shared machine) is recorded
+(status, last stderr line); the harness itself goes on. It prints one Markdown table and saves it as ``<out>/scale-<date>.md``.
 """
 
 import argparse
@@ -177,31 +179,37 @@ def link_images(root, rel_paths, pool):
 # --------------------------------------------------------------------------- measuring
 
 
-def run_stage(cmd, *, env, timeout, log):
-    """Run ``cmd`` in a fresh process group; dict(status, seconds, peak_rss_gb, tree_rss_gb, last)."""
+def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0):
+    """Run ``cmd`` in a fresh process group; dict(status, seconds, peak_rss_gb, tree_rss_gb, last).
+
+    The group is killed past ``timeout`` seconds, or when its processes together hold more than
+    ``max_rss_gb`` (sampled every 0.2 s: a stage that would need more than the machine has is
+    recorded as such instead of waking the kernel's OOM killer on a shared machine).
+    """
     import psutil
 
     started = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
         tree_peak = [0]
+        over = threading.Event()
         done = threading.Event()
 
         def sample():
-            while not done.wait(0.5):
+            while not done.wait(0.2):
                 try:
                     top = psutil.Process(proc.pid)
                     procs = [top] + top.children(recursive=True)
                     tree_peak[0] = max(tree_peak[0], sum(_rss(p) for p in procs))
                 except psutil.Error:
                     pass
+                if tree_peak[0] > max_rss_gb * 2**30 and not over.is_set():
+                    over.set()
+                    _kill_group(proc.pid)
 
         def stop():
             if not done.wait(timeout):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_group(proc.pid)
 
         threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=stop, daemon=True)]
         for t in threads:
@@ -214,9 +222,18 @@ def run_stage(cmd, *, env, timeout, log):
     timed_out = seconds >= timeout
     text = Path(log).read_text(errors="replace").strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), "")
-    state = "ok" if code == 0 else ("timeout" if timed_out else (f"killed (signal {-code})" if code < 0 else f"exit {code}"))
+    state = "ok" if code == 0 else (
+        "timeout" if timed_out else f"killed by the harness: over {max_rss_gb:g} GB" if over.is_set()
+        else f"killed (signal {-code})" if code < 0 else f"exit {code}")
     return {"status": state, "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "tree_rss_gb": round(tree_peak[0] / 2**30, 2), "last": last[-160:]}
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _rss(p):
@@ -265,7 +282,7 @@ def stage_command(stage, files, home, *, n_rows, model=None):
     if stage == "compare":
         return featurepipe("compare", "--features", *files)
     if stage == "fit":
-        return featurepipe("fit", "--features", *files, "--clf", "logreg", "--grid", "C=0.01", "--cv", "2")
+        return featurepipe("fit", "--features", *files, "--clf", "nb", "--cv", "2")
     if stage == "audit":
         return featurepipe("audit", "--features", *files)
     if stage == "report":
@@ -318,7 +335,8 @@ def measure(args):
                             make_pool(out / "pool"))
             cmd = stage_command(stage, files, home, n_rows=n_rows, model=model)
             print(f"{n_rows} rows: {stage}: {' '.join(map(str, cmd))}", flush=True)
-            result = run_stage(cmd, env=env, timeout=args.timeout, log=home / f"{stage}.log")
+            result = run_stage(cmd, env=env, timeout=args.timeout, log=home / f"{stage}.log",
+                               max_rss_gb=args.max_rss_gb)
             result.update(rows=n_rows, classes=args.classes if stage != "predict" else 3, stage=stage,
                           note=_note(stage, home, result))
             print(f"  {json.dumps(result)}", flush=True)
@@ -344,8 +362,9 @@ def _note(stage, home, result):
         summary = sorted((home / "models").glob("*/audit/summary.json"))
         if summary:
             s = json.loads(summary[0].read_text())
-            return (f"{s.get('duplicate_pairs')} pairs, {s.get('suspects')} suspects"
-                    + (f"; {s['bounded']}" if s.get("bounded") else ""))
+            return (f"{s.get('duplicate_pairs')} pairs ({s.get('duplicate_search', '')}), "
+                    f"{s.get('suspects')} suspects, {s.get('rows_rescored')} rows re-scored"
+                    + (f"; {len(s['notes'])} notes (sampled/approximated)" if s.get("notes") else ""))
     return "" if result["status"] == "ok" else result["last"]
 
 
@@ -371,6 +390,8 @@ def main():
     p.add_argument("--stages", nargs="+", default=["compare", "audit", "report"], choices=STAGES)
     p.add_argument("--out", default="/tmp/featurepipe-scale")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is killed")
+    p.add_argument("--max-rss-gb", type=float, default=16.0,
+                   help="kill a stage whose processes together hold more than this (default 16)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     return measure(args)
