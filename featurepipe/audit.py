@@ -369,12 +369,13 @@ def leaked_test_paths(pairs):
 # --------------------------------------------------------------------------- leak-adjusted scores
 
 
-def rescore_without_leaks(folder, files, leaked):
+def rescore_without_leaks(folder, files, leaked, *, loaded=None):
     """Fill ``test_accuracy_no_leaks`` of every results row whose model can be scored again.
 
     With no leaks it is the test accuracy. Otherwise each row's ``.joblib`` model predicts the test
     rows of its feature set (the given files, joined by name) minus ``leaked``. Returns the number
     of rows filled; rows that cannot be scored (fine-tuned models, files not given) are left blank.
+    ``loaded``: a FeatureSet already in memory, used instead of loading its files again.
     """
     rows = read_results(folder)
     if not rows:
@@ -382,6 +383,9 @@ def rescore_without_leaks(folder, files, leaked):
     stems = {Path(f).stem: Path(f) for f in files}
     leaked = set(leaked)
     sets, filled = {}, 0
+    if loaded is not None and leaked:
+        keep = np.flatnonzero((loaded.split == "test") & ~np.isin(loaded.paths, list(leaked)))
+        sets[tuple(loaded.name.split("+"))] = (loaded.X[keep], loaded.y[keep])
     for row in rows:
         value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets)
         row["test_accuracy_no_leaks"] = value
@@ -706,7 +710,7 @@ def _run_audit(fs, files, folder, out, *, threshold, seeds, seed, n_jobs, exact_
     leaked = leaked_test_paths(pairs)
     _write_csv(out / "duplicates.csv", DUPLICATE_COLUMNS, [asdict(p) for p in pairs])
     say("leak-adjusted scores")
-    rescored = rescore_without_leaks(folder, files, leaked)
+    rescored = rescore_without_leaks(folder, files, leaked, loaded=fs)
 
     rows = read_results(folder)
     C = _logreg_C(rows, fs.name)
