@@ -265,12 +265,12 @@ def predict_setup(base, env, *, timeout):
             target = labelled / f"class{k % 3}" / src.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
-    models = Path(env["FEATUREPIPE_MODELS"]) / "pool3"
+    feats = base / "predict-features"
+    models = Path(env["FEATUREPIPE_MODELS"]) / feats.name  # the dataset is named after the features' folder
     found = sorted(models.glob("*.joblib")) if models.exists() else []
     if found:
         return found[0]
-    feats = base / "predict-features"
-    for cmd in (featurepipe("extract", labelled, "--backbone", "squeezenet", "--out", feats),
+    for cmd in (featurepipe("extract", "--data", labelled, "--backbone", "squeezenet", "--out", feats),
                 featurepipe("fit", "--features", feats / "squeezenet.h5", "--clf", "logreg", "--cv", "2")):
         result = run_stage(cmd, env=env, timeout=timeout, log=base / "predict-setup.log")
         if result["status"] != "ok":
