@@ -433,7 +433,7 @@ def out_of_fold_probabilities(fs, *, C=None, folds=SUSPECT_FOLDS, seed=0, n_jobs
 
     Returns
     -------
-    proba : ndarray of shape (n_samples, n_classes), float64
+    proba : ndarray of shape (n_samples, n_classes), float32
     model : the pipeline fitted on all train/val rows (None without test rows)
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
