@@ -295,6 +295,11 @@ def _finish_csv(out, path, complete):
 
 
 def main(argv=None):
+    with loky_workers_die_with_parent():  # any worker process a model starts dies with predict
+        return _main(argv)
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     missing = [item for item in args.images if not os.path.lexists(item)]
     if missing:  # a typo on the command line, not a bad image among many
@@ -311,16 +316,14 @@ def main(argv=None):
         writer = csv.writer(out) if out else None
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
-        with loky_workers_die_with_parent():
-            for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
-                                         batch_size=args.batch_size, engine=args.engine,
-                                         progress=not args.quiet):
-                n += 1
-                n_bad += bool(pred.error)
-                prob = "" if pred.error else f"{pred.probability:.4f}"
-                print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
-                if writer:
-                    writer.writerow([pred.path, pred.label, prob, pred.error])
+        for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
+                                     batch_size=args.batch_size, engine=args.engine, progress=not args.quiet):
+            n += 1
+            n_bad += bool(pred.error)
+            prob = "" if pred.error else f"{pred.probability:.4f}"
+            print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
+            if writer:
+                writer.writerow([pred.path, pred.label, prob, pred.error])
         complete = True
     finally:
         if out:
