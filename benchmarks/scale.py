@@ -156,8 +156,9 @@ def make_pool(folder, n=POOL_IMAGES, *, px=64, seed=0):
             draw = ImageDraw.Draw(img)
             for _ in range(3):
                 x0, y0 = rng.integers(0, px - 8, 2)
-                draw.ellipse([int(x0), int(y0), int(x0) + int(rng.integers(8, px // 2)),
-                              int(y0) + int(rng.integers(8, px // 2))], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+                w, h = (int(v) for v in rng.integers(8, px // 2, 2))
+                draw.ellipse([int(x0), int(y0), int(x0) + w, int(y0) + h],
+                             fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
             img.save(path, quality=85)
         out.append(path)
     return out

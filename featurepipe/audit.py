@@ -191,7 +191,8 @@ def search_method(n_rows, *, exact_max_rows=EXACT_MAX_ROWS):
     if n_rows <= exact_max_rows:
         return "exact (faiss flat index, every pair)" if _faiss() else "exact (blocked matrix products, every pair)"
     if _faiss():
-        return f"approximate (faiss IVF, {IVF_PROBES} of {_ivf_cells(n_rows)} cells per image)"
+        cells = _ivf_cells(n_rows)
+        return f"approximate (faiss IVF, {min(IVF_PROBES, cells)} of {cells} cells searched per image)"
     return "exact (blocked matrix products; faiss is not installed)"
 
 
@@ -511,14 +512,16 @@ def _flag_label_issues(labels, proba, *, batched):
     return find_label_issues(labels, proba, n_jobs=1)
 
 
-def main_axes(fs, *, dims=LARGE_PCA_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
-    """The feature set with its rows projected on their ``dims`` main axes (PCA fitted on a sample
-    of at most ``fit_rows`` train rows; no labels used): the cheap input of the audit's models at
-    scale. Returns (FeatureSet with X of shape (n_samples, <= dims), float32; a sentence saying so)."""
+def main_axes(fs, *, dims=None, fit_rows=WHITEN_FIT_ROWS, seed=0):
+    """The feature set with its rows projected on their ``dims`` (default ``LARGE_PCA_DIMS``) main
+    axes (PCA fitted on a sample of at most ``fit_rows`` train rows; no labels used): the cheap
+    input of the audit's models at scale. Returns (FeatureSet with X of shape (n_samples, <= dims),
+    float32; a sentence saying so)."""
     from dataclasses import replace
 
     from sklearn.decomposition import PCA
 
+    dims = LARGE_PCA_DIMS if dims is None else dims
     rng = np.random.default_rng(seed)
     train = np.flatnonzero(fs.split != "test")
     sample = train if len(train) <= fit_rows else np.sort(rng.choice(train, fit_rows, replace=False))

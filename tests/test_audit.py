@@ -270,3 +270,34 @@ def test_sixty_real_photos_with_planted_copies_are_found(tmp_path):
     pairs, _, search = find_duplicates(fs)
     assert search.space == "whitened to 30 axes" and search.warning == ""
     assert sorted(_copies_found(pairs, planted_pairs)) == sorted(planted_pairs)
+
+
+# --------------------------------------------------------------------------- bounded paths (issue 27)
+
+
+def test_past_large_rows_the_audit_takes_its_bounded_paths_and_says_so(tmp_path, monkeypatch):
+    """The thresholds lowered to this 123-image set: IVF search, suspects on PCA axes with
+    cleanlab's batched search, a capped curve on sampled test rows, each named in the notes."""
+    import cleanlab.experimental.label_issues_batched as batched
+
+    calls = []
+    real = batched.find_label_issues_batched
+    monkeypatch.setattr(batched, "find_label_issues_batched", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(auditmod, "CURVE_MAX_TRAIN_ROWS", 30)
+    monkeypatch.setattr(auditmod, "CURVE_MAX_TEST_ROWS", 10)
+    monkeypatch.setattr(auditmod, "LARGE_PCA_DIMS", 16)
+    X, y, paths, split, plan = planted()
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    result = audit([f], seeds=2, n_jobs=1, large_rows=100, exact_max_rows=100)
+
+    assert result.search.startswith("approximate (faiss IVF")
+    assert {frozenset((d.path_a, d.path_b)) for d in result.duplicates} >= {frozenset(p) for p in plan["copies"]}
+    assert len(calls) == 1 and calls[0]["n_jobs"] == 1          # batched, in this process
+    assert {s.path for s in result.suspects} >= set(plan["wrong"])
+    assert [p.n_per_class for p in result.curve[:-1]] == [1, 2, 5, 10]  # 3 classes x 10 <= 30 rows
+    assert result.curve[-1].n_per_class > 10                     # the last point: all train rows
+    notes = " ".join(result.notes)
+    assert "IVF" in notes and "16 main axes" in notes and "batched" in notes and "at most 30 train rows" in notes
+    assert all(f"note: {n}" in result.summary() for n in result.notes)
+    small = audit([f], seeds=2, n_jobs=1)                          # defaults: none of it
+    assert small.notes == [] and small.search.startswith("exact")
