@@ -169,7 +169,7 @@ def _similarities(fs):
     from featurepipe.audit import whitened
     from featurepipe.fit import l2_normalize
 
-    X = l2_normalize(whitened(fs.X))
+    X = l2_normalize(whitened(fs.X)[0])
     return X @ X.T, {p: i for i, p in enumerate(fs.paths)}
 
 

@@ -5,8 +5,10 @@ only parses arguments and prints its summary. It writes under ``models/<dataset>
 
 * ``duplicates.csv`` (``path_a, path_b, split_a, split_b, cosine``): pairs of images whose features
   are nearly identical, from a nearest-neighbour search on the features of all the given files
-  (each L2-normalised, joined, PCA-whitened to 512 dimensions, L2-normalised again). Exact blocked
-  matrix products up to ``EXACT_MAX_ROWS`` images, faiss's HNSW index past that.
+  (each L2-normalised, joined, PCA-whitened to at most 512 dimensions and one per 2 images — only
+  centred when there are too few images to whiten, which the summary says —, L2-normalised
+  again). Every pair is checked (faiss's flat index) up to ``EXACT_MAX_ROWS`` images, faiss's IVF
+  index past that.
 * the ``test_accuracy_no_leaks`` column of ``results.csv`` / ``results.md``: each row's saved model
   scored again on the test images that have no near-duplicate in train/val.
 * ``suspects.csv`` (``path, split, given, suggested, score``, most suspicious first): the images
@@ -15,7 +17,11 @@ only parses arguments and prints its summary. It writes under ``models/<dataset>
   ``find_label_issues`` flags, ranked by cleanlab's self-confidence.
 * ``learning_curve.csv`` / ``.png``: logistic regression's test accuracy with 1, 2, 5, 10, 20, 50,
   ... train images per class up to all, several seeds.
-* ``summary.json``: the counts, the threshold and the curve's doubling gain.
+* ``summary.json``: the counts, the threshold, the curve's doubling gain, how duplicates were
+  searched and ``notes``: what was sampled or approximated.
+
+Past ``LARGE_ROWS`` images the suspects and the curve take bounded paths (``audit``'s
+``large_rows``). Worker processes die with the audit (``featurepipe.children``).
 """
 
 import csv
@@ -44,9 +50,16 @@ from .store import write_json_atomic
 DEFAULT_THRESHOLD = 0.70
 WHITEN_DIMS = 512
 WHITEN_FIT_ROWS = 20_000
-EXACT_MAX_ROWS = 100_000      # past this many images, faiss HNSW finds the pairs (docs/audit.md: crossover)
-ANN_NEIGHBOURS = 16           # neighbours asked of the index per image
+ROWS_PER_WHITENED_DIM = 2     # whiten to at most rows / 2 axes: fewer rows make every cosine -1/(n-1)
+MIN_WHITENED_DIMS = 16        # below this many axes (< 32 images), search the centred features instead
+EXACT_MAX_ROWS = 200_000      # past this many images, faiss's IVF index finds the pairs (docs/audit.md)
+IVF_PROBES = 16               # IVF cells searched per image
 BLOCK_BYTES = 256 << 20       # memory for one block of the exact similarity matrix
+LARGE_ROWS = 20_000           # past this many images: suspects and curve on PCA axes, curve capped
+LARGE_PCA_DIMS = 256
+CURVE_MAX_TRAIN_ROWS = 20_000  # at scale: learning-curve points of at most this many train rows ...
+CURVE_MAX_TEST_ROWS = 10_000   # ... scored on a sample of this many test rows
+LARGE_FOLDS = 3
 CURVE_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 CURVE_SEEDS = 5
 SUSPECT_FOLDS = 5
@@ -109,6 +122,11 @@ class AuditResult:
         against log2 of the images per class).
     rows_rescored : int
         Results rows given a ``test_accuracy_no_leaks``.
+    search : str
+        How the near-duplicates were searched (``exact ... search on the whitened to K axes features``).
+    notes : list of str
+        What was sampled or approximated (above ``large_rows``), and a warning when the
+        duplicate search could not whiten (too few images).
     feature_set : FeatureSet
         The joined features (not in the repr).
     """
@@ -127,6 +145,8 @@ class AuditResult:
     rows_rescored: int = 0
     feature_set: object = field(default=None, repr=False)
     reused: bool = False  # read back from an earlier audit of the same inputs (feature_set is None)
+    search: str = ""      # how near-duplicates were searched (space and method)
+    notes: list = field(default_factory=list)  # what was sampled or approximated, what could not be searched
 
     @property
     def n_leaks(self):
@@ -144,12 +164,36 @@ class AuditResult:
                          f"{last.n_per_class} images per class: {before.accuracy_mean:.4f} -> "
                          f"{last.accuracy_mean:.4f}; doubling the images per class is expected to add "
                          f"{100 * self.doubling_gain:+.1f} points")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append(f"-> {self.folder}/ (duplicates.csv, suspects.csv, learning_curve.csv, "
                      "learning_curve.png, summary.json)")
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- near-duplicates
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """How the near-duplicate search saw the images: ``space`` (``whitened to K axes`` or
+    ``centred``), ``method`` (exact or IVF) and a ``warning`` when it could look only roughly."""
+
+    space: str
+    method: str
+    warning: str = ""
+
+    def describe(self):
+        return f"{self.method} search on the {self.space} features"
+
+
+def search_method(n_rows, *, exact_max_rows=EXACT_MAX_ROWS):
+    """The name of the search ``similar_pairs`` runs on ``n_rows`` rows."""
+    if n_rows <= exact_max_rows:
+        return "exact (faiss flat index, every pair)" if _faiss() else "exact (blocked matrix products, every pair)"
+    if _faiss():
+        cells = _ivf_cells(n_rows)
+        return f"approximate (faiss IVF, {min(IVF_PROBES, cells)} of {cells} cells searched per image)"
+    return "exact (blocked matrix products; faiss is not installed)"
 
 
 def similar_pairs(X, threshold, *, exact_max_rows=EXACT_MAX_ROWS, block_bytes=BLOCK_BYTES):
@@ -161,19 +205,35 @@ def similar_pairs(X, threshold, *, exact_max_rows=EXACT_MAX_ROWS, block_bytes=BL
         Rows are L2-normalised here.
     threshold : float
     exact_max_rows : int
-        Up to this many rows, every pair is checked (blocked matrix products, memory bounded by
-        ``block_bytes``); past it faiss's HNSW index proposes ``ANN_NEIGHBOURS`` neighbours per row.
+        Up to this many rows every pair is checked (faiss's flat index, else blocked matrix
+        products, memory bounded by ``block_bytes``); past it faiss's IVF index (``IVF_PROBES``
+        nearest cells of about sqrt(n) per row) finds the pairs.
 
     Returns
     -------
     i, j : ndarray of shape (n_pairs,), int64, with i < j
     cosine : ndarray of shape (n_pairs,), float32
     """
-    X = l2_normalize(X)
-    search = _exact_pairs if len(X) <= exact_max_rows else _ann_pairs
-    i, j, cos = search(X, threshold, block_bytes=block_bytes)
+    X = np.ascontiguousarray(l2_normalize(X))
+    faiss = _faiss()
+    if faiss is None:
+        if len(X) > exact_max_rows:
+            warnings.warn(f"{len(X)} images and faiss is not installed (pip install 'featurepipe[audit]'): "
+                          "checking every pair, which takes long", stacklevel=2)
+        i, j, cos = _exact_pairs(X, threshold, block_bytes=block_bytes)
+    else:
+        index = faiss.IndexFlatIP(X.shape[1]) if len(X) <= exact_max_rows else _ivf_index(faiss, X)
+        i, j, cos = _range_pairs(index, X, threshold, block_bytes=block_bytes)
     order = np.lexsort((j, i, -cos))
     return i[order], j[order], cos[order]
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
 
 
 def _exact_pairs(X, threshold, *, block_bytes):
@@ -188,29 +248,35 @@ def _exact_pairs(X, threshold, *, block_bytes):
     return _stack(found)
 
 
-def _ann_pairs(X, threshold, *, block_bytes):
-    try:
-        import faiss
-    except ImportError:
-        warnings.warn(f"{len(X)} images and faiss is not installed (pip install 'featurepipe[audit]'): "
-                      "checking every pair, which takes long", stacklevel=3)
-        return _exact_pairs(X, threshold, block_bytes=block_bytes)
-    index = faiss.IndexHNSWFlat(X.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = 64
+def _ivf_cells(n_rows):
+    return int(np.clip(min(np.sqrt(n_rows), n_rows // 40), 1, 1024))  # faiss wants >= 39 rows per cell
+
+
+def _ivf_index(faiss, X, *, seed=0):
+    """An IVF index of ``X`` (inner product), trained on a sample of at most 50 rows per cell."""
+    cells = _ivf_cells(len(X))
+    quantizer = faiss.IndexFlatIP(X.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, X.shape[1], cells, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = X if len(X) <= 50 * cells else X[np.sort(rng.choice(len(X), 50 * cells, replace=False))]
+    index.train(np.ascontiguousarray(sample))
+    index.nprobe = min(IVF_PROBES, cells)
     index.add(X)
-    k = min(ANN_NEIGHBOURS + 1, len(X))
-    rows = max(1, block_bytes // (4 * X.shape[1]))
+    return index
+
+
+def _range_pairs(index, X, threshold, *, block_bytes):
+    """Every (i, j > i) with inner product >= threshold that ``index`` finds, a block of queries at a time."""
+    if index.ntotal == 0:
+        index.add(X)
+    rows = max(1, block_bytes // (4 * X.shape[1]) // 8)
     found = []
     for start in range(0, len(X), rows):
-        sims, nbrs = index.search(X[start:start + rows], k)
-        a, col = np.nonzero((sims >= threshold) & (nbrs >= 0))
-        a = a + start
-        b = nbrs[a - start, col]
-        keep = a != b
-        found.append((np.minimum(a, b)[keep], np.maximum(a, b)[keep], sims[a - start, col][keep]))
-    i, j, cos = _stack(found)
-    _, first = np.unique(np.stack([i, j]), axis=1, return_index=True)  # each pair is found from both ends
-    return i[first], j[first], cos[first]
+        lims, sims, nbrs = index.range_search(X[start:start + rows], float(threshold))
+        a = np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64)) + start
+        keep = nbrs > a
+        found.append((a[keep], nbrs[keep], sims[keep]))
+    return _stack(found)
 
 
 def _stack(found):
@@ -221,35 +287,61 @@ def _stack(found):
 
 
 def whitened(X, *, dims=WHITEN_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
-    """Rows projected on their ``dims`` main axes, each axis scaled to unit variance (PCA whitening).
+    """Rows projected on their main axes, each axis scaled to unit variance (PCA whitening).
 
     Pooled CNN features share large common directions, so the plain cosine of two different
     photos of one class is already high (0.9 and more on flowers5); whitening puts the weight on
     what distinguishes one photo from another, which separates copies from distinct photos
-    (docs/audit.md). PCA is fitted on at most ``fit_rows`` rows (a random sample), then applied block by
-    block. Returns ndarray of shape (n_samples, <= dims), float32.
+    (docs/audit.md). PCA is fitted on at most ``fit_rows`` rows (a random sample), then applied
+    block by block, with at most ``dims`` axes and at most one axis per ``ROWS_PER_WHITENED_DIM``
+    rows: whitening as many axes as there are rows makes every pair of rows equally far apart
+    (every cosine -1/(n-1)), so nothing could be found. With fewer than ``MIN_WHITENED_DIMS``
+    axes to spare (and fewer than the features' own), the rows are only centred (mean removed),
+    which takes away the common direction but not the rest.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, <= dims), float32
+    space : str
+        ``whitened to K axes`` or ``centred``.
     """
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float32)
     rng = np.random.default_rng(seed)
     sample = X if len(X) <= fit_rows else X[np.sort(rng.choice(len(X), fit_rows, replace=False))]
-    k = max(1, min(dims, X.shape[1], len(sample) - 1))
+    k = min(dims, X.shape[1], len(sample) // ROWS_PER_WHITENED_DIM)
+    rows = max(1, BLOCK_BYTES // (4 * X.shape[1]))
+    if k < min(MIN_WHITENED_DIMS, X.shape[1]) or k < 1:
+        mean = sample.mean(axis=0)
+        return np.vstack([X[s:s + rows] - mean for s in range(0, len(X), rows)]).astype(np.float32), "centred"
     # two power iterations instead of sklearn's default: a quarter of the time, the same pairs
     pca = PCA(n_components=k, whiten=True, random_state=seed, iterated_power=2,
               svd_solver="randomized" if k < min(sample.shape) // 2 else "full").fit(sample)
     keep = pca.explained_variance_ > 1e-6 * pca.explained_variance_[0]  # no division by ~0
-    rows = max(1, BLOCK_BYTES // (4 * X.shape[1]))
-    return np.vstack([pca.transform(X[s:s + rows])[:, keep] for s in range(0, len(X), rows)]).astype(np.float32)
+    out = np.vstack([pca.transform(X[s:s + rows])[:, keep] for s in range(0, len(X), rows)]).astype(np.float32)
+    return out, f"whitened to {out.shape[1]} axes"
 
 
 def find_duplicates(fs, *, threshold=DEFAULT_THRESHOLD, exact_max_rows=EXACT_MAX_ROWS):
-    """Near-duplicate pairs of a ``FeatureSet`` (cosine of the whitened features):
-    (list of DuplicatePair, number of groups)."""
-    i, j, cos = similar_pairs(whitened(fs.X), threshold, exact_max_rows=exact_max_rows)
+    """Near-duplicate pairs of a ``FeatureSet`` (cosine of the whitened features).
+
+    Returns
+    -------
+    pairs : list of DuplicatePair, highest cosine first
+    n_groups : int
+    search : SearchSpace
+    """
+    Xw, space = whitened(fs.X)
+    warning = "" if space != "centred" else (
+        f"only {len(fs.X)} images: too few to whiten the features (>= {ROWS_PER_WHITENED_DIM * MIN_WHITENED_DIMS} "
+        "needed), so near-duplicates were searched on the centred features, where distinct photos of a "
+        "class score higher than after whitening: check the pairs near the threshold")
+    search = SearchSpace(space=space, method=search_method(len(Xw), exact_max_rows=exact_max_rows), warning=warning)
+    i, j, cos = similar_pairs(Xw, threshold, exact_max_rows=exact_max_rows)
     pairs = [DuplicatePair(str(fs.paths[a]), str(fs.paths[b]), str(fs.split[a]), str(fs.split[b]), float(c))
              for a, b, c in zip(i, j, cos)]
-    return pairs, _count_groups(len(fs.paths), i, j)
+    return pairs, _count_groups(len(fs.paths), i, j), search
 
 
 def _count_groups(n, i, j):
@@ -278,12 +370,13 @@ def leaked_test_paths(pairs):
 # --------------------------------------------------------------------------- leak-adjusted scores
 
 
-def rescore_without_leaks(folder, files, leaked):
+def rescore_without_leaks(folder, files, leaked, *, loaded=None):
     """Fill ``test_accuracy_no_leaks`` of every results row whose model can be scored again.
 
     With no leaks it is the test accuracy. Otherwise each row's ``.joblib`` model predicts the test
     rows of its feature set (the given files, joined by name) minus ``leaked``. Returns the number
     of rows filled; rows that cannot be scored (fine-tuned models, files not given) are left blank.
+    ``loaded``: a FeatureSet already in memory, used instead of loading its files again.
     """
     rows = read_results(folder)
     if not rows:
@@ -291,6 +384,9 @@ def rescore_without_leaks(folder, files, leaked):
     stems = {Path(f).stem: Path(f) for f in files}
     leaked = set(leaked)
     sets, filled = {}, 0
+    if loaded is not None and leaked:
+        keep = np.flatnonzero((loaded.split == "test") & ~np.isin(loaded.paths, list(leaked)))
+        sets[tuple(loaded.name.split("+"))] = (loaded.X[keep], loaded.y[keep])
     for row in rows:
         value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets)
         row["test_accuracy_no_leaks"] = value
@@ -307,19 +403,21 @@ def _accuracy_without(row, stems, leaked, sets):
     if model_path.suffix != ".joblib" or not model_path.is_file() or not all(n in stems for n in names):
         return ""
     key = tuple(names)
-    if key not in sets:
-        sets[key] = load_feature_set([stems[n] for n in names])
-    fs = sets[key]
-    keep = np.flatnonzero((fs.split == "test") & ~np.isin(fs.paths, list(leaked)))
-    if len(keep) == 0:
+    if key not in sets:  # only the test rows without a leak are kept: memory for a few sets at scale
+        fs = load_feature_set([stems[n] for n in names])
+        keep = np.flatnonzero((fs.split == "test") & ~np.isin(fs.paths, list(leaked)))
+        sets[key] = (fs.X[keep], fs.y[keep])
+        del fs
+    X, y = sets[key]
+    if len(y) == 0:
         return ""
     try:
         model = load_model(model_path).estimator
-        pred = model.classes_[np.argmax(model.predict_proba(fs.X[keep]), axis=1)]
+        pred = model.classes_[np.argmax(model.predict_proba(X), axis=1)]
     except Exception as err:  # one stale or broken model must not stop the audit
         warnings.warn(f"{model_path.name}: not scored again ({type(err).__name__}: {err})", stacklevel=2)
         return ""
-    return f"{float(np.mean(pred == fs.y[keep])):.6g}"
+    return f"{float(np.mean(pred == y)):.6g}"
 
 
 # --------------------------------------------------------------------------- label suspects
@@ -336,7 +434,7 @@ def out_of_fold_probabilities(fs, *, C=None, folds=SUSPECT_FOLDS, seed=0, n_jobs
 
     Returns
     -------
-    proba : ndarray of shape (n_samples, n_classes), float64
+    proba : ndarray of shape (n_samples, n_classes), float32
     model : the pipeline fitted on all train/val rows (None without test rows)
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -348,7 +446,7 @@ def out_of_fold_probabilities(fs, *, C=None, folds=SUSPECT_FOLDS, seed=0, n_jobs
     if folds < 2:
         raise DataError("a class has a single train image; label suspects need two per class")
     pipeline = _logreg(len(train), fs.X.shape[1], seed, C)
-    proba = np.zeros((len(fs.y), len(fs.class_names)))
+    proba = np.zeros((len(fs.y), len(fs.class_names)), np.float32)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     proba[train] = _full_columns(cross_val_predict(pipeline, fs.X[train], fs.y[train], cv=cv,
                                                    method="predict_proba", n_jobs=n_jobs),
@@ -360,12 +458,12 @@ def out_of_fold_probabilities(fs, *, C=None, folds=SUSPECT_FOLDS, seed=0, n_jobs
 
 
 def _full_columns(proba, classes, n_classes):
-    out = np.zeros((len(proba), n_classes))
+    out = np.zeros((len(proba), n_classes), np.float32)
     out[:, classes] = proba
     return out
 
 
-def rank_suspects(fs, proba):
+def rank_suspects(fs, proba, *, batched=False):
     """Images whose features disagree with their label, most suspicious first.
 
     Listed: every image whose most probable class is not its given one, and every image cleanlab's
@@ -378,9 +476,9 @@ def rank_suspects(fs, proba):
     -------
     suspects : list of Suspect
     n_flagged : int
-        The images ``find_label_issues`` flags.
+        The images ``find_label_issues`` flags (``batched``: cleanlab's
+        ``find_label_issues_batched``, the variant for large sets, 10,000 rows at a time).
     """
-    from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     present = np.unique(fs.y)
@@ -393,7 +491,7 @@ def rank_suspects(fs, proba):
     sub = proba[:, present]
     sub = sub / np.maximum(sub.sum(axis=1, keepdims=True), 1e-12)
     quality = get_label_quality_scores(labels, sub, method="self_confidence")
-    flagged = find_label_issues(labels, sub)
+    flagged = _flag_label_issues(labels, sub, batched=batched)
     listed = np.flatnonzero(flagged | (np.argmax(sub, axis=1) != labels))
     listed = listed[np.lexsort((fs.paths[listed], quality[listed]))]
     suspects = [Suspect(path=str(fs.paths[i]), split=str(fs.split[i]), given=fs.class_names[fs.y[i]],
@@ -402,15 +500,50 @@ def rank_suspects(fs, proba):
     return suspects, int(flagged.sum())
 
 
+def _flag_label_issues(labels, proba, *, batched):
+    """cleanlab's estimate of the wrong labels, a boolean mask; single-process (no workers to orphan)."""
+    if batched:
+        from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+
+        return find_label_issues_batched(labels, proba, batch_size=10_000, n_jobs=1, verbose=False,
+                                         return_mask=True)
+    from cleanlab.filter import find_label_issues
+
+    return find_label_issues(labels, proba, n_jobs=1)
+
+
+def main_axes(fs, *, dims=None, fit_rows=WHITEN_FIT_ROWS, seed=0):
+    """The feature set with its rows projected on their ``dims`` (default ``LARGE_PCA_DIMS``) main
+    axes (PCA fitted on a sample of at most ``fit_rows`` train rows; no labels used): the cheap
+    input of the audit's models at scale. Returns (FeatureSet with X of shape (n_samples, <= dims),
+    float32; a sentence saying so)."""
+    from dataclasses import replace
+
+    from sklearn.decomposition import PCA
+
+    dims = LARGE_PCA_DIMS if dims is None else dims
+    rng = np.random.default_rng(seed)
+    train = np.flatnonzero(fs.split != "test")
+    sample = train if len(train) <= fit_rows else np.sort(rng.choice(train, fit_rows, replace=False))
+    k = max(1, min(dims, fs.X.shape[1], len(sample) - 1))
+    pca = PCA(n_components=k, svd_solver="randomized", iterated_power=2, random_state=seed).fit(fs.X[sample])
+    rows = max(1, BLOCK_BYTES // (4 * fs.X.shape[1]))
+    X = np.vstack([pca.transform(fs.X[s:s + rows]) for s in range(0, len(fs.X), rows)]).astype(np.float32)
+    return replace(fs, X=X), f"{k} main axes (PCA fitted on {len(sample):,} train rows)"
+
+
 # --------------------------------------------------------------------------- learning curve
 
 
-def learning_curve(fs, *, C=None, sizes=CURVE_SIZES, seeds=CURVE_SEEDS, n_jobs=-1, full_model=None):
+def learning_curve(fs, *, C=None, sizes=CURVE_SIZES, seeds=CURVE_SEEDS, n_jobs=-1, full_model=None,
+                   max_train_rows=None, max_test_rows=None, seed=0):
     """Test accuracy of logistic regression trained on n images per class (train/val rows).
 
     Each size below the smallest class runs ``seeds`` times on a random sample of n images per
     class; the last point trains on every train/val row (one run: nothing to sample;
-    ``full_model`` is used when it is that model already fitted). Returns a list of CurvePoint.
+    ``full_model`` is used when it is that model already fitted). At scale, ``max_train_rows``
+    leaves out the sampled sizes of more rows than that and ``max_test_rows`` scores every point on
+    one seeded sample of that many test rows. Returns a list of CurvePoint.
     """
     from joblib import Parallel, delayed
 
@@ -418,30 +551,39 @@ def learning_curve(fs, *, C=None, sizes=CURVE_SIZES, seeds=CURVE_SEEDS, n_jobs=-
     test = np.flatnonzero(fs.split == "test")
     if len(test) == 0:
         return []
+    if max_test_rows is not None and len(test) > max_test_rows:
+        test = np.sort(np.random.default_rng(seed).choice(test, max_test_rows, replace=False))
     counts = np.bincount(fs.y[train], minlength=len(fs.class_names))
     smallest = int(counts[counts > 0].min())
-    levels = [n for n in sizes if n < smallest]
-    jobs = [(n, seed) for n in levels for seed in range(seeds)]
-    scores = Parallel(n_jobs=n_jobs)(delayed(_curve_fit)(fs, train, test, n, seed, C) for n, seed in jobs)
+    levels = [n for n in sizes if n < smallest
+              and (max_train_rows is None or n * np.count_nonzero(counts) <= max_train_rows)]
+    jobs = [(n, s) for n in levels for s in range(seeds)]
+    X_test, y_test = fs.X[test], fs.y[test]
+    pools = {c: train[fs.y[train] == c] for c in np.unique(fs.y[train])}
+    picks = [_curve_rows(pools, n, s) for n, s in jobs]
+    scores = Parallel(n_jobs=n_jobs)(delayed(_curve_fit)(fs.X[rows], fs.y[rows], X_test, y_test, s, C)
+                                     for rows, (_, s) in zip(picks, jobs))
     points = []
     for n in levels:
-        acc = np.array([s for (m, _), s in zip(jobs, scores) if m == n])
+        acc = np.array([score for (m, _), score in zip(jobs, scores) if m == n])
         points.append(CurvePoint(n, float(acc.mean()), float(acc.std()), len(acc)))
     if full_model is None:
         full_model = _logreg(len(train), fs.X.shape[1], 0, C).fit(fs.X[train], fs.y[train])
-    full = float(np.mean(full_model.predict(fs.X[test]) == fs.y[test]))
+    full = float(np.mean(full_model.predict(X_test) == y_test))
     points.append(CurvePoint(int(round(len(train) / np.count_nonzero(counts))), full, 0.0, 1))
     return points
 
 
-def _curve_fit(fs, train, test, n, seed, C):
+def _curve_rows(pools, n, seed):
     rng = np.random.default_rng(seed)
-    rows = np.concatenate([rng.choice(train[fs.y[train] == c], n, replace=False)
-                           for c in np.unique(fs.y[train])])
+    return np.sort(np.concatenate([rng.choice(rows, n, replace=False) for rows in pools.values()]))
+
+
+def _curve_fit(X, y, X_test, y_test, seed, C):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence on a handful of rows is not the point here
-        model = _logreg(len(rows), fs.X.shape[1], seed, C).fit(fs.X[rows], fs.y[rows])
-    return float(np.mean(model.predict(fs.X[test]) == fs.y[test]))
+        model = _logreg(len(X), X.shape[1], seed, C).fit(X, y)
+    return float(np.mean(model.predict(X_test) == y_test))
 
 
 def doubling_gain(points, last=3):
@@ -496,7 +638,7 @@ def _logreg_C(rows, name):
 
 
 def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed=0, n_jobs=-1,
-          exact_max_rows=EXACT_MAX_ROWS, quiet=True, reuse=False):
+          exact_max_rows=EXACT_MAX_ROWS, large_rows=LARGE_ROWS, quiet=True, reuse=False):
     """Audit the data behind one or more feature files; write ``models/<dataset>/audit/``.
 
     Parameters
@@ -510,9 +652,16 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     seed : int
         Folds of the out-of-fold probabilities.
     n_jobs : int
-        Parallel fits (-1: all cores).
+        Parallel fits (-1: all cores). Their worker processes die with this process.
     exact_max_rows : int
-        Past this many images the duplicate search uses faiss.
+        Past this many images the duplicate search uses faiss's IVF index instead of checking
+        every pair.
+    large_rows : int
+        Past this many images the audit takes its bounded paths (``AuditResult.notes`` and
+        ``summary.json`` say which): label suspects and the learning curve from logistic
+        regression on the features' ``LARGE_PCA_DIMS`` main axes with ``LARGE_FOLDS`` folds,
+        cleanlab's batched search, curve points of at most ``CURVE_MAX_TRAIN_ROWS`` rows scored
+        on at most ``CURVE_MAX_TEST_ROWS`` test rows.
     quiet : bool
         No progress lines on stderr.
     reuse : bool
@@ -523,6 +672,8 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     -------
     AuditResult
     """
+    from .children import loky_workers_die_with_parent
+
     if not 0 < threshold <= 1:
         raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
     if seeds < 1:
@@ -535,45 +686,73 @@ def audit(features=None, *, threshold=DEFAULT_THRESHOLD, seeds=CURVE_SEEDS, seed
     folder = models_dir_for(files[0], claim=True)
     out = folder / "audit"
     key = _audit_key(files, read_results(folder), threshold=threshold, seeds=seeds, seed=seed,
-                     exact_max_rows=exact_max_rows)
+                     exact_max_rows=exact_max_rows, large_rows=large_rows)
     saved = saved_audit(out, key) if reuse else None
     if saved is not None:
         return saved
     out.mkdir(parents=True, exist_ok=True)
+    with loky_workers_die_with_parent():
+        result = _run_audit(fs, files, folder, out, threshold=threshold, seeds=seeds, seed=seed, n_jobs=n_jobs,
+                            exact_max_rows=exact_max_rows, large_rows=large_rows, quiet=quiet)
+    _write_summary(result, fs, key)
+    return result
+
+
+def _run_audit(fs, files, folder, out, *, threshold, seeds, seed, n_jobs, exact_max_rows, large_rows, quiet):
     started = time.perf_counter()
     say = (lambda msg: None) if quiet else (
         lambda msg: print(f"audit: {msg} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True))
+    large = len(fs.paths) > large_rows
+    notes = []
 
     say("near-duplicates")
-    pairs, n_groups = find_duplicates(fs, threshold=threshold, exact_max_rows=exact_max_rows)
+    pairs, n_groups, search = find_duplicates(fs, threshold=threshold, exact_max_rows=exact_max_rows)
+    notes += [search.warning] if search.warning else []
+    if not search.method.startswith("exact"):
+        notes.append(f"near-duplicates: {search.method}: a pair can be missed")
     leaked = leaked_test_paths(pairs)
     _write_csv(out / "duplicates.csv", DUPLICATE_COLUMNS, [asdict(p) for p in pairs])
     say("leak-adjusted scores")
-    rescored = rescore_without_leaks(folder, files, leaked)
+    rescored = rescore_without_leaks(folder, files, leaked, loaded=fs)
 
     rows = read_results(folder)
     C = _logreg_C(rows, fs.name)
+    model_fs, folds = fs, SUSPECT_FOLDS
+    if large:
+        say("main axes")
+        model_fs, axes = main_axes(fs, seed=seed)
+        folds = LARGE_FOLDS
+        notes.append(f"{len(fs.paths):,} images (more than {large_rows:,}): label suspects from {folds}-fold "
+                     f"logistic regression on the features' {axes}, cleanlab's batched label-issue search")
     say("label suspects")
-    proba, full_model = out_of_fold_probabilities(fs, C=C, seed=seed, n_jobs=n_jobs)
-    suspects, n_flagged = rank_suspects(fs, proba)
+    proba, full_model = out_of_fold_probabilities(model_fs, C=C, folds=folds, seed=seed, n_jobs=n_jobs)
+    suspects, n_flagged = rank_suspects(fs, proba, batched=large)
+    del proba
     _write_csv(out / "suspects.csv", SUSPECT_COLUMNS, [asdict(s) for s in suspects])
 
     say("learning curve")
     curve_fs = _best_feature_set(current_rows(rows, folder), files, fs)
-    curve = learning_curve(curve_fs, C=_logreg_C(rows, curve_fs.name), seeds=seeds, n_jobs=n_jobs,
-                           full_model=full_model if curve_fs is fs else None)
+    curve_C = _logreg_C(rows, curve_fs.name)
+    reuse_full = curve_fs is fs
+    if large:
+        curve_fs = model_fs if curve_fs is fs else main_axes(curve_fs, seed=seed)[0]
+        notes.append(f"learning curve on the same main axes, points of at most {CURVE_MAX_TRAIN_ROWS:,} train "
+                     f"rows, each scored on {CURVE_MAX_TEST_ROWS:,} test rows at most (a seeded sample)")
+    curve = learning_curve(curve_fs, C=curve_C, seeds=seeds, n_jobs=n_jobs,
+                           full_model=full_model if reuse_full else None,
+                           max_train_rows=CURVE_MAX_TRAIN_ROWS if large else None,
+                           max_test_rows=CURVE_MAX_TEST_ROWS if large else None, seed=seed)
     _write_csv(out / "learning_curve.csv", CURVE_COLUMNS,
                [dict(features=curve_fs.name, clf="logreg", **asdict(p)) for p in curve])
     gain = doubling_gain(curve)
     if curve:
         plot_learning_curve(curve, out / "learning_curve.png",
                             title=f"{fs.dataset}: {curve_fs.name} / logreg; doubling adds {100 * gain:+.1f} points")
-    result = AuditResult(folder=out, features=fs.name, threshold=threshold, duplicates=pairs, n_groups=n_groups,
-                         leaked_test=leaked, suspects=suspects, n_flagged=n_flagged, curve_features=curve_fs.name, curve=curve,
-                         doubling_gain=gain, rows_rescored=rescored, feature_set=fs)
-    _write_summary(result, fs, key)
     say("done")
-    return result
+    return AuditResult(folder=out, features=fs.name, threshold=threshold, duplicates=pairs, n_groups=n_groups,
+                       leaked_test=leaked, suspects=suspects, n_flagged=n_flagged, curve_features=curve_fs.name,
+                       curve=curve, doubling_gain=gain, rows_rescored=rescored, feature_set=fs,
+                       search=search.describe(), notes=notes)
 
 
 def _audit_key(files, rows, **settings):
@@ -612,7 +791,8 @@ def saved_audit(folder, key):
                        suspects=suspects, n_flagged=summary["suspects_flagged"],
                        curve_features=summary["curve_features"], curve=curve,
                        doubling_gain=math.nan if gain is None else gain,
-                       rows_rescored=summary["rows_rescored"], reused=True)
+                       rows_rescored=summary["rows_rescored"], reused=True,
+                       search=summary.get("duplicate_search", ""), notes=list(summary.get("notes", [])))
 
 
 def _read_csv(path):
@@ -660,6 +840,7 @@ def _write_summary(result, fs, key):
         "curve_features": result.curve_features,
         "curve_last": None if last is None else asdict(last),
         "doubling_gain": None if math.isnan(result.doubling_gain) else result.doubling_gain,
+        "duplicate_search": result.search, "notes": list(result.notes),
     })
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .cli import OneLineParser
 from .checks import check_at_least, check_workers
+from .children import loky_workers_die_with_parent
 from .errors import DataError, ImageError, UsageError
 from .fit import MODEL_FORMAT, join_blocks, resolve_feature_files
 from .images import expand_paths
@@ -188,8 +189,10 @@ def predict(model_path, images, *, min_prob=None, batch_size=32, engine="auto", 
                                  engine=engine, workers=workers))
 
 
-def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine="auto", workers=None):
-    """Like ``predict`` but yields Predictions as batches finish."""
+def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine="auto", workers=None,
+                     progress=False):
+    """Like ``predict`` but yields Predictions as batches finish (``CHUNK`` images at a time, so
+    memory does not grow with the number of images); ``progress`` shows a bar on stderr."""
     if min_prob is not None and not 0 <= min_prob <= 1:
         raise UsageError(f"--min-prob must be in [0, 1], got {min_prob}")
     check_at_least(batch_size, 1, "--batch-size")
@@ -198,11 +201,20 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
     if not paths:
         raise UsageError("no image files given (files or folders of .jpg/.png/...)")
     model = load_model(model_path, batch_size=batch_size, engine=engine, workers=workers)
-    for start in range(0, len(paths), CHUNK):
-        for pred in model.predict_paths(paths[start:start + CHUNK]):
-            if min_prob is not None and not pred.error and pred.probability < min_prob:
-                pred = replace(pred, label="unknown")
-            yield pred
+    with _progress(len(paths), progress) as bar:
+        for start in range(0, len(paths), CHUNK):
+            for pred in model.predict_paths(paths[start:start + CHUNK]):
+                if min_prob is not None and not pred.error and pred.probability < min_prob:
+                    pred = replace(pred, label="unknown")
+                yield pred
+            bar.update(min(CHUNK, len(paths) - start))
+
+
+def _progress(total, show):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="predict", unit="img", disable=not show or None, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _chunk_features(chunk, models, targets, batch_size, workers):
@@ -246,24 +258,48 @@ def build_parser():
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras); default: the "
                                    "best row by CV of the latest run's results table")
-    p.add_argument("--csv", metavar="OUT.csv", help="also write path,label,probability,error to this file")
+    p.add_argument("--csv", metavar="OUT.csv", help="also write path,label,probability,error to this file "
+                                                   "(row by row into a temporary file, renamed when complete)")
     p.add_argument("--min-prob", type=float, help="answer 'unknown' when the top probability is below this")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--engine", default="auto", help="forward-pass engine (auto, tf)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _open_csv(path):
-    if not Path(path).parent.is_dir():
-        raise UsageError(f"--csv {path}: folder '{Path(path).parent}' does not exist; create it or "
+    """The temporary file the rows go to, line by line (``_finish_csv`` renames it into place), so
+    a killed predict never leaves a truncated CSV under the name asked for."""
+    from .store import remove_stale_temps
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"--csv {path}: folder '{path.parent}' does not exist; create it or "
                          "pass a file in an existing folder")
+    if path.is_dir():
+        raise UsageError(f"--csv {path}: is a folder; pass a file name")
+    remove_stale_temps(path.parent, prefix=f".{path.name}")  # left by a predict killed earlier
     try:
-        return open(path, "w", newline="")
+        return open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "w", newline="", buffering=1)
     except OSError as err:
         raise UsageError(f"--csv {path}: cannot write it ({err.strerror})") from None
 
 
+def _finish_csv(out, path, complete):
+    """Close the temporary CSV; rename it to ``path`` when every image was written, else remove it."""
+    out.close()
+    if complete:
+        os.replace(out.name, path)
+    else:
+        Path(out.name).unlink(missing_ok=True)
+
+
 def main(argv=None):
+    with loky_workers_die_with_parent():  # any worker process a model starts dies with predict
+        return _main(argv)
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     missing = [item for item in args.images if not os.path.lexists(item)]
     if missing:  # a typo on the command line, not a bad image among many
@@ -275,21 +311,23 @@ def main(argv=None):
               file=sys.stderr)
     out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
+    complete = False
     try:
         writer = csv.writer(out) if out else None
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
         for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
-                                     batch_size=args.batch_size, engine=args.engine):
+                                     batch_size=args.batch_size, engine=args.engine, progress=not args.quiet):
             n += 1
             n_bad += bool(pred.error)
             prob = "" if pred.error else f"{pred.probability:.4f}"
             print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
             if writer:
                 writer.writerow([pred.path, pred.label, prob, pred.error])
+        complete = True
     finally:
         if out:
-            out.close()
+            _finish_csv(out, args.csv, complete)
     print(f"{n} images, {n_bad} unreadable" + (f" -> {args.csv}" if args.csv else ""), file=sys.stderr)
     return 0
 

@@ -45,6 +45,8 @@ class Limits:
     """How many images each section shows at most (the rest are counted, not shown)."""
 
     cell_images: int = 200
+    cell_total: int = 2000      # images over all confusion cells (each cell's share levelled to fit)
+    matrix_classes: int = 100   # more classes: no confusion matrix (per-class scores and mistakes only)
     mistakes: int = 48
     duplicate_pairs: int = 40
     suspects: int = 48
@@ -287,12 +289,17 @@ def best_section(row, bundle, thumbs, *, limits, folder):
         return {"t": thumbs.ref(fs.paths[test[k]]), "path": fs.paths[test[k]], "true": names[true[k]],
                 "pred": names[pred[k]], "prob": round(float(prob[k]), 4)}
 
-    cells = {}
-    for t in labels:
-        for p in labels:
-            members = np.flatnonzero((true == t) & (pred == p))
-            members = members[np.argsort(-prob[members], kind="stable")]
-            cells[f"{t},{p}"] = {"n": len(members), "items": [item(k) for k in members[:limits.cell_images]]}
+    cells, cap = {}, 0
+    if len(labels) <= limits.matrix_classes:
+        allowance = cell_allowance(matrix, per_cell=limits.cell_images, total=limits.cell_total)
+        cap = int(allowance.max())
+        order = np.lexsort((-prob, pred, true))  # by cell, most confident first
+        starts = np.searchsorted(true[order] * len(labels) + pred[order], np.arange(len(labels) ** 2))
+        for t in labels:
+            for p in labels:
+                at = t * len(labels) + p
+                members = order[starts[at]:starts[at] + int(allowance[t, p])]
+                cells[f"{t},{p}"] = {"n": int(matrix[t, p]), "items": [item(k) for k in members]}
     wrong = np.flatnonzero(true != pred)
     wrong = wrong[np.argsort(-prob[wrong], kind="stable")]
     predictions = {"test_rows": test, "pred": pred}
@@ -304,12 +311,33 @@ def best_section(row, bundle, thumbs, *, limits, folder):
         "n_test": len(test),
         "per_class": [{"name": names[c], "precision": precision[c], "recall": recall[c], "f1": f1[c],
                        "support": int(support[c])} for c in labels],
-        "confusion": matrix.tolist(),
+        "confusion": matrix.tolist() if len(labels) <= limits.matrix_classes else None,
         "class_names": names,
         "cells": cells,
+        "cell_cap": cap,
         "mistakes": [item(k) for k in wrong[:limits.mistakes]],
         "n_mistakes": len(wrong),
     }, fs, predictions
+
+
+def cell_allowance(counts, *, per_cell, total):
+    """How many images each confusion cell shows: at most ``per_cell``, at most ``total`` over all
+    cells; small cells show all their images, large ones are levelled (the same share each, the
+    remainder one more for the first cells that have more). ndarray shaped like ``counts``."""
+    counts = np.asarray(counts)
+    lo, hi = 0, per_cell
+    while lo < hi:  # the largest level whose sum fits
+        mid = (lo + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    allowance = np.minimum(counts, lo)
+    if lo < per_cell:
+        room = int(total - allowance.sum())
+        more = np.flatnonzero(counts.ravel() > lo)[:max(room, 0)]
+        allowance.ravel()[more] += 1
+    return allowance
 
 
 def duplicates_section(audit_dir, thumbs, *, limits):
@@ -364,26 +392,38 @@ def audit_summary(audit_dir):
     return [(k, v) for k, v in summary.items() if isinstance(v, (str, int, float, bool))]
 
 
+def audit_notes(audit_dir):
+    """The audit's ``notes`` (what it sampled or approximated, what it could not search), or []."""
+    try:
+        notes = json.loads((Path(audit_dir) / "summary.json").read_text()).get("notes", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in notes] if isinstance(notes, list) else []
+
+
 def map_section(fs, predictions, thumbs, *, limits, seed, folder):
     """A t-SNE map of the feature set: every test row, then a seeded sample of the others."""
     test = predictions["test_rows"] if predictions else np.flatnonzero(fs.split == "test")
     others = np.setdiff1d(np.arange(len(fs.paths)), test)
     rng = np.random.default_rng(seed)
-    room = max(0, limits.map_points - len(test))
-    rows = np.concatenate([test[:limits.map_points], rng.permutation(others)[:room]]).astype(int)
+    shown = np.arange(len(test))  # positions in test: every one, or a seeded sample past the limit
+    if len(test) > limits.map_points:
+        shown = np.sort(rng.choice(len(test), limits.map_points, replace=False))
+    room = max(0, limits.map_points - len(shown))
+    rows = np.concatenate([test[shown], rng.permutation(others)[:room]]).astype(int)
     if len(rows) < 5:
         return None
     xy = cached(folder, "map", _digest(fs.X[rows], seed, TSNE_ITERATIONS), lambda: embed_2d(fs.X[rows], seed=seed))
     mistake = np.full(len(rows), -1)
     pred = np.full(len(rows), -1)
     if predictions:
-        n_test = min(len(test), len(rows))
-        pred[:n_test] = predictions["pred"][:n_test]
+        n_test = len(shown)
+        pred[:n_test] = predictions["pred"][shown]
         mistake[:n_test] = pred[:n_test] != fs.y[rows[:n_test]]
     points = [[round(float(x), 4), round(float(y), 4), int(fs.y[r]), int(m), int(p), thumbs.ref(fs.paths[r]),
                str(fs.paths[r])] for (x, y), r, m, p in zip(xy, rows, mistake, pred)]
     return {"points": points, "n": len(fs.paths), "method": "t-SNE (scikit-learn)", "name": fs.name,
-            "n_mistakes": int((mistake == 1).sum())}
+            "n_mistakes": int((mistake == 1).sum()), "n_test": len(test), "n_test_shown": len(shown)}
 
 
 TSNE_ITERATIONS = 500  # half scikit-learn's default: the layout has settled on flowers5 and it halves the time
@@ -498,7 +538,13 @@ def report(feature_files=None, *, out=None, limits=None, seed=0):
     -------
     ReportResult
     """
-    limits = limits or Limits()
+    from .children import loky_workers_die_with_parent
+
+    with loky_workers_die_with_parent():  # a model's predict may start workers: they die with the report
+        return _report(feature_files, out=out, limits=limits or Limits(), seed=seed)
+
+
+def _report(feature_files, *, out, limits, seed):
     files = resolve_feature_files(feature_files)
     dataset = dataset_name(files[0])
     folder = models_dir_for(files[0])
@@ -524,7 +570,7 @@ def report(feature_files=None, *, out=None, limits=None, seed=0):
     audit = {"duplicates": duplicates_section(audit_dir, thumbs, limits=limits),
              "suspects": suspects_section(audit_dir, thumbs, limits=limits),
              "learning_curve": learning_curve_section(audit_dir),
-             "summary": audit_summary(audit_dir)}
+             "summary": audit_summary(audit_dir), "notes": audit_notes(audit_dir)}
     page = {
         "dataset": dataset,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -10,6 +10,7 @@ from featurepipe.audit import (CURVE_COLUMNS, DUPLICATE_COLUMNS, SUSPECT_COLUMNS
 from featurepipe.cli import run_main
 from featurepipe.compare import compare
 
+from conftest import FLOWERS, needs_shared
 from featurefiles import CLASSES, write_features
 
 
@@ -194,6 +195,109 @@ def test_duplicates_are_searched_in_whitened_space():
     paths = np.array([f"a/{i:03d}.jpg" for i in range(200)], dtype=object)
     fs = FeatureSet(name="x", dataset="d", X=X, y=np.zeros(200, np.int32), paths=paths,
                     split=np.array(["train"] * 200, dtype=object), class_names=["a"], blocks=[])
-    pairs, groups = find_duplicates(fs)
+    pairs, groups, _ = find_duplicates(fs)
     assert sorted((p.path_a, p.path_b) for p in pairs) == [("a/003.jpg", "a/100.jpg"), ("a/060.jpg", "a/150.jpg")]
     assert groups == 2
+
+
+# --------------------------------------------------------------------------- small sets (issue 28, item 5)
+
+
+def _copies_found(pairs, planted):
+    found = {frozenset((p.path_a, p.path_b)) for p in pairs}
+    return [pair for pair in planted if frozenset(pair) in found]
+
+
+def test_small_set_is_whitened_on_fewer_axes_and_its_copies_are_found():
+    """60 rows of 512 dimensions: whitening all 59 axes makes every cosine -1/(n-1); the audit
+    whitens at most one axis per two rows and finds the planted copies."""
+    from featurepipe.audit import find_duplicates, whitened
+    from featurepipe.fit import FeatureSet
+
+    rng = np.random.default_rng(5)
+    X = 5 + rng.normal(0, 1, (60, 512)).astype(np.float32)
+    planted_rows = [(2, 30), (11, 45), (20, 59)]
+    for a, b in planted_rows:
+        X[b] = X[a] + rng.normal(0, 0.1, 512)
+    paths = np.array([f"a/{i:03d}.jpg" for i in range(60)], dtype=object)
+    fs = FeatureSet(name="x", dataset="d", X=X, y=np.zeros(60, np.int32), paths=paths,
+                    split=np.array(["train"] * 60, dtype=object), class_names=["a"], blocks=[])
+    Xw, space = whitened(fs.X)
+    assert space == "whitened to 30 axes" and Xw.shape == (60, 30)
+    pairs, groups, search = find_duplicates(fs)
+    planted = [(paths[a], paths[b]) for a, b in planted_rows]
+    assert _copies_found(pairs, planted) == planted
+    assert len(pairs) == 3 and groups == 3 and search.warning == ""
+
+
+def test_too_few_images_to_whiten_searches_centred_and_says_so(tmp_path):
+    from featurefiles import separable
+
+    X, y, paths, split = separable(n_per_class=9, dim=64)  # 27 rows: fewer than 2 x 16 axes
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    result = audit([f], seeds=1, n_jobs=1)
+    assert result.search.endswith("on the centred features")
+    assert any("too few to whiten" in note for note in result.notes)
+    assert "too few to whiten" in result.summary()
+    summary = json.loads((result.folder / "summary.json").read_text())
+    assert summary["duplicate_search"] == result.search and summary["notes"] == result.notes
+
+
+@needs_shared
+def test_sixty_real_photos_with_planted_copies_are_found(tmp_path):
+    """55 flowers5 photos and 5 copies of them (resized to 80 % or re-encoded at JPEG quality 60),
+    features of the squeezenet backbone: every copy is paired with its original."""
+    from PIL import Image
+
+    from featurepipe.audit import find_duplicates
+    from featurepipe.extract import extract
+    from featurepipe.fit import load_feature_set
+
+    root = tmp_path / "flowers60"
+    planted_pairs = []
+    for k, cls in enumerate(sorted(p.name for p in FLOWERS.iterdir() if p.is_dir())):
+        (root / cls).mkdir(parents=True)
+        for i, src in enumerate(sorted((FLOWERS / cls).glob("*.jpg"))[:11]):
+            img = Image.open(src).convert("RGB")
+            img.save(root / cls / src.name, quality=95)
+            if i == 0:
+                copy = img.resize((img.width * 4 // 5, img.height * 4 // 5)) if k % 2 else img
+                copy.save(root / cls / f"copy_{src.name}", quality=60)
+                planted_pairs.append((f"{cls}/{src.name}", f"{cls}/copy_{src.name}"))
+    extract(root, ["squeezenet"], out=tmp_path / "features", quiet=True, verify=0)
+    fs = load_feature_set([tmp_path / "features" / "squeezenet.h5"])
+    assert len(fs.paths) == 60
+    pairs, _, search = find_duplicates(fs)
+    assert search.space == "whitened to 30 axes" and search.warning == ""
+    assert sorted(_copies_found(pairs, planted_pairs)) == sorted(planted_pairs)
+
+
+# --------------------------------------------------------------------------- bounded paths (issue 27)
+
+
+def test_past_large_rows_the_audit_takes_its_bounded_paths_and_says_so(tmp_path, monkeypatch):
+    """The thresholds lowered to this 123-image set: IVF search, suspects on PCA axes with
+    cleanlab's batched search, a capped curve on sampled test rows, each named in the notes."""
+    import cleanlab.experimental.label_issues_batched as batched
+
+    calls = []
+    real = batched.find_label_issues_batched
+    monkeypatch.setattr(batched, "find_label_issues_batched", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(auditmod, "CURVE_MAX_TRAIN_ROWS", 30)
+    monkeypatch.setattr(auditmod, "CURVE_MAX_TEST_ROWS", 10)
+    monkeypatch.setattr(auditmod, "LARGE_PCA_DIMS", 16)
+    X, y, paths, split, plan = planted()
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    result = audit([f], seeds=2, n_jobs=1, large_rows=100, exact_max_rows=100)
+
+    assert result.search.startswith("approximate (faiss IVF")
+    assert {frozenset((d.path_a, d.path_b)) for d in result.duplicates} >= {frozenset(p) for p in plan["copies"]}
+    assert len(calls) == 1 and calls[0]["n_jobs"] == 1          # batched, in this process
+    assert {s.path for s in result.suspects} >= set(plan["wrong"])
+    assert [p.n_per_class for p in result.curve[:-1]] == [1, 2, 5, 10]  # 3 classes x 10 <= 30 rows
+    assert result.curve[-1].n_per_class > 10                     # the last point: all train rows
+    notes = " ".join(result.notes)
+    assert "IVF" in notes and "16 main axes" in notes and "batched" in notes and "at most 30 train rows" in notes
+    assert all(f"note: {n}" in result.summary() for n in result.notes)
+    small = audit([f], seeds=2, n_jobs=1)                          # defaults: none of it
+    assert small.notes == [] and small.search.startswith("exact")

@@ -63,3 +63,41 @@ def test_die_with_parent_kills_a_child_whose_parent_is_already_gone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert out.returncode == -signal.SIGKILL and "alive" not in out.stdout
+
+
+AUDIT_SCRIPT = """
+import numpy as np
+from sklearn.pipeline import make_pipeline
+import featurepipe.audit as audit
+from featurefiles import separable, write_features
+from slow_estimator import MarkedSlowClassifier
+audit._logreg = lambda n_samples, n_features, seed, C=None: make_pipeline(MarkedSlowClassifier())
+X, y, paths, split = separable(n_per_class=12, dim=8)
+f = write_features("{root}/feats/synth/alpha.h5", X, y, paths, split)
+audit.audit([f], n_jobs=2, seeds=1)
+"""
+
+
+def test_audit_workers_die_with_a_killed_audit(tmp_path):
+    """kill -9 of audit while its cross-validation workers fit: they go too (issue 28, item 8)."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SLOW_MARKERS=str(markers), FEATUREPIPE_MODELS=str(tmp_path / "models"),
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    proc = subprocess.Popen([sys.executable, "-c", AUDIT_SCRIPT.format(root=tmp_path)], env=env)
+    try:
+        pids = _wait_for_markers(markers, 2, proc)
+        workers = [psutil.Process(pid) for pid in pids if pid != proc.pid]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"audit workers outlived the killed audit: {alive}"
+    finally:
+        proc.kill()
+        for pid in [int(p.name) for p in markers.iterdir()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

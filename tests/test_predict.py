@@ -131,3 +131,72 @@ def test_unknown_model_suffix_is_one_line_exit_2(tmp_path, capsys):
     assert run_main(main, ["--model", str(model), str(img)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model kind '.pkl'" in err and ".joblib or .keras" in err
+
+
+# --------------------------------------------------------------------------- streaming (issue 27)
+
+
+class _RecordingModel:
+    """Stands in for a loaded model: answers every image, and before each chunk records what the
+    CSV being written already holds; ``fail_at`` raises on that chunk (a predict dying midway)."""
+
+    def __init__(self, folder, fail_at=None):
+        self.folder, self.fail_at, self.chunks, self.rows_on_disk = folder, fail_at, [], []
+
+    def predict_paths(self, paths):
+        temps = list(self.folder.glob(".out.csv.tmp-*"))
+        self.rows_on_disk.append(sum(1 for _ in open(temps[0])) - 1 if temps else None)
+        if len(self.chunks) == self.fail_at:
+            raise RuntimeError("killed")
+        self.chunks.append(len(paths))
+        return [Prediction(str(p), "red", 0.9) for p in paths]
+
+
+def _many_images(folder, n):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.png").write_bytes(b"")  # never read: the stand-in model answers
+    return folder
+
+
+def test_predict_streams_rows_to_the_csv_chunk_by_chunk(tmp_path, monkeypatch, capsys):
+    import featurepipe.predict as predictmod
+
+    images = _many_images(tmp_path / "images", 10)
+    fake = _RecordingModel(tmp_path)
+    monkeypatch.setattr(predictmod, "CHUNK", 4)
+    monkeypatch.setattr(predictmod, "load_model", lambda *a, **k: fake)
+    bars = []
+
+    def progress(total, show):  # the real bar switches itself off when stderr is not a terminal
+        import io
+
+        from tqdm import tqdm
+
+        assert show
+        bar = tqdm(total=total, file=io.StringIO())
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(predictmod, "_progress", progress)
+    assert main(["--model", "m.joblib", str(images), "--csv", str(tmp_path / "out.csv")]) == 0
+    assert fake.chunks == [4, 4, 2]              # never more than a chunk of images in memory
+    assert fake.rows_on_disk == [0, 4, 8]        # each chunk's rows are on disk before the next is read
+    with open(tmp_path / "out.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 10
+    assert not list(tmp_path.glob(".out.csv.tmp-*"))
+    assert [(b.total, b.n) for b in bars] == [(10, 10)]  # the progress bar counted every image
+
+
+def test_a_predict_that_dies_midway_leaves_no_csv_that_looks_complete(tmp_path, monkeypatch):
+    import featurepipe.predict as predictmod
+
+    images = _many_images(tmp_path / "images", 10)
+    monkeypatch.setattr(predictmod, "CHUNK", 4)
+    monkeypatch.setattr(predictmod, "load_model", lambda *a, **k: _RecordingModel(tmp_path, fail_at=2))
+    stale = tmp_path / ".out.csv.tmp-999999999"  # left by a predict killed with kill -9
+    stale.write_text("path,label\n")
+    with pytest.raises(RuntimeError):
+        main(["--model", "m.joblib", str(images), "--csv", str(tmp_path / "out.csv")])
+    assert not (tmp_path / "out.csv").exists()
+    assert not list(tmp_path.glob(".out.csv.tmp-*"))

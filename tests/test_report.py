@@ -207,6 +207,26 @@ def test_sections_are_bounded_and_count_what_they_leave_out(dataset):
     assert len(data["thumbs"]) == len(shown) < 35
 
 
+def test_report_at_scale_levels_cells_drops_the_matrix_and_samples_the_map(dataset):
+    """The bounds that keep the page small on 100k images, lowered to this tiny set."""
+    from featurepipe.report import cell_allowance
+
+    assert cell_allowance([50, 3, 0, 1], per_cell=200, total=10).tolist() == [6, 3, 0, 1]
+    assert cell_allowance([50, 3], per_cell=2, total=1000).tolist() == [2, 2]
+    assert cell_allowance([[5, 1], [2, 5]], per_cell=200, total=5).tolist() == [[2, 1], [1, 1]]
+    feature_file, folder = dataset
+    audit = write_audit(folder)
+    (audit / "summary.json").write_text(json.dumps({"duplicate_pairs": 3, "notes": ["sampled <b>here</b>"]}))
+    data = page_data(report([feature_file], limits=Limits(cell_total=4, map_points=5)).path.read_text())
+    items = [len(c["items"]) for c in data["cells"].values()]
+    assert sum(items) == 4 and sum(c["n"] for c in data["cells"].values()) > 4
+    assert len(data["map"]["points"]) == 5 and data["map"]["n_test_shown"] == 5 < data["map"]["n_test"]
+    html = report([feature_file], limits=Limits(matrix_classes=2)).path.read_text()
+    assert page_data(html)["cells"] == {} and 'id="confusion"' not in html
+    assert "No confusion matrix: 3 classes are more than the page draws (2)" in html
+    assert "sampled &lt;b&gt;here&lt;/b&gt;" in html  # the audit's notes, escaped
+
+
 def test_report_before_compare_and_with_missing_images(tmp_path):
     feature_file = build_dataset(tmp_path)
     shutil.rmtree(tmp_path / "images")
