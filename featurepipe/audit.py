@@ -281,7 +281,8 @@ def leaked_test_paths(pairs):
 def rescore_without_leaks(folder, files, leaked):
     """Fill ``test_accuracy_no_leaks`` of every results row whose model can be scored again.
 
-    With no leaks it is the test accuracy. Otherwise each row's ``.joblib`` model predicts the test
+    With no leaks it is the test accuracy. Otherwise each row's saved model (checked by
+    ``featurepipe.modelfile.load_written``) predicts the test
     rows of its feature set (the given files, joined by name) minus ``leaked``. Returns the number
     of rows filled; rows that cannot be scored (fine-tuned models, files not given) are left blank.
     """
@@ -292,19 +293,20 @@ def rescore_without_leaks(folder, files, leaked):
     leaked = set(leaked)
     sets, filled = {}, 0
     for row in rows:
-        value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets)
+        value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets, folder)
         row["test_accuracy_no_leaks"] = value
         filled += value not in ("", None)
     update_results(folder, rows)
     return filled
 
 
-def _accuracy_without(row, stems, leaked, sets):
-    from .predict import load_model
+def _accuracy_without(row, stems, leaked, sets, folder):
+    from .modelfile import ModelRefused, is_features_model
+    from .predict import load_bundle
 
     names = str(row.get("features", "")).split("+")
     model_path = Path(str(row.get("model", "")))
-    if model_path.suffix != ".joblib" or not model_path.is_file() or not all(n in stems for n in names):
+    if not is_features_model(model_path) or not model_path.is_file() or not all(n in stems for n in names):
         return ""
     key = tuple(names)
     if key not in sets:
@@ -314,8 +316,10 @@ def _accuracy_without(row, stems, leaked, sets):
     if len(keep) == 0:
         return ""
     try:
-        model = load_model(model_path).estimator
+        model = load_bundle(model_path, written_in=folder, sha256=row.get("model_sha256"))["model"]
         pred = model.classes_[np.argmax(model.predict_proba(fs.X[keep]), axis=1)]
+    except ModelRefused:
+        raise
     except Exception as err:  # one stale or broken model must not stop the audit
         warnings.warn(f"{model_path.name}: not scored again ({type(err).__name__}: {err})", stacklevel=2)
         return ""
@@ -630,12 +634,14 @@ def _require(module):
 def _best_feature_set(rows, files, joined):
     """The feature set of the best results row by CV (``ranked``) that the given files can
     rebuild (else all joined)."""
+    from .modelfile import is_features_model
+
     stems = {Path(f).stem: Path(f) for f in files}
     for r in ranked(rows):
         if not can_be_chosen(r):
             continue
         names = str(r.get("features", "")).split("+")
-        if str(r.get("model", "")).endswith(".joblib") and all(n in stems for n in names):
+        if is_features_model(r.get("model", "")) and all(n in stems for n in names):
             return joined if "+".join(names) == joined.name else load_feature_set([stems[n] for n in names])
     return joined
 

@@ -102,8 +102,12 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
 def _write_report(files):
     from .report import report
 
+    from .modelfile import ModelRefused
+
     try:
         report(files)
+    except ModelRefused:
+        raise
     except Exception as err:  # the table is written; a report problem must not fail the run
         warnings.warn(f"report.html not written: {err}", stacklevel=3)
 

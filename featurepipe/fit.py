@@ -4,8 +4,9 @@
 ``python -m featurepipe.fit`` only parses arguments and prints it. Several feature files are
 joined column-wise, rows aligned by ``paths``, each block L2-normalised first (a single file is
 L2-normalised too, so predict always applies the same transform). The model is saved as
-``models/<dataset>/<features>__<clf>.joblib`` with what predict needs, a JSON sidecar with the
-metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
+``models/<dataset>/<features>__<clf>.skops`` with what predict needs (``featurepipe.modelfile``:
+data that cannot run code when loaded; its sha256 goes into the row and the sidecar), a JSON
+sidecar with the metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 """
 
 import hashlib
@@ -34,7 +35,7 @@ from .paths import dataset_name, latest_pointer, models_dir_for
 from .results import RESULT_COLUMNS, inputs_digest, update_results
 from .store import load, write_json_atomic
 
-MODEL_FORMAT = "featurepipe-model/1"
+from .modelfile import MODEL_FORMAT, MODEL_SUFFIX, save_bundle  # noqa: F401 (MODEL_FORMAT: predict)
 
 
 # --------------------------------------------------------------------------- places
@@ -177,6 +178,7 @@ class FitResult:
     n_train: int = 0
     n_test: int = 0
     model: str = ""
+    model_sha256: str = ""
     key: str = ""
     test_accuracy_no_leaks: float = math.nan  # filled by featurepipe.audit
     inputs: str = ""  # the feature files by name, size and mtime (featurepipe.results.inputs_digest)
@@ -422,20 +424,17 @@ def _score(found, fs, test, base, seconds):
 
 
 def _save(result, model, fs, folder, stem):
-    import joblib
     from dataclasses import asdict, replace
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.joblib"
+    path = folder / f"{stem}{MODEL_SUFFIX}"
     result = replace(result, model=str(path))
     bundle = {"format": MODEL_FORMAT, "model": model, "class_names": fs.class_names,
               "features": fs.name, "clf": result.clf, "block_norm": "l2", "blocks": fs.blocks,
               "featurepipe_version": __version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "metrics": result.row()}
-    tmp = folder / f".{stem}.joblib.tmp-{os.getpid()}"
-    joblib.dump(bundle, tmp)
-    os.replace(tmp, path)
+    result = replace(result, model_sha256=save_bundle(bundle, path))
     write_json_atomic(folder / f"{stem}.json", {k: _json_safe(v) for k, v in asdict(result).items()})
     update_results(folder, [result.row()])
     return result
@@ -455,12 +454,23 @@ def _reusable(folder, stem, key):
         saved = json.loads((folder / f"{stem}.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("key") != key or saved.get("status") != "ok" or not (folder / f"{stem}.joblib").is_file():
+    if saved.get("key") != key or saved.get("status") != "ok" or not _model_intact(folder, stem, saved):
         return None
     names = {f.name for f in fields(FitResult)}
     values = {k: (math.nan if v is None else v) for k, v in saved.items() if k in names}
     values["reused"] = True
     return FitResult(**values)
+
+
+def _model_intact(folder, stem, saved):
+    """True when the sidecar's model file is there with the sha256 the sidecar recorded."""
+    from .modelfile import check_written
+
+    try:
+        check_written(folder / f"{stem}{MODEL_SUFFIX}", folder=folder, sha256=saved.get("model_sha256"))
+    except DataError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- CLI

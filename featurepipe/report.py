@@ -223,19 +223,19 @@ def results_section(rows):
 def best_model(rows, folder):
     """(row, loaded model bundle) of the best row by CV (``ranked``) whose scikit-learn model is
     saved, or None. The test accuracy plays no part in the choice."""
-    from .predict import load_model
+    from .modelfile import ModelRefused, is_features_model
+    from .predict import load_bundle
 
     for r in ranked(rows):
         model = Path(r.get("model") or "")
-        if not can_be_chosen(r):
+        if not can_be_chosen(r) or not is_features_model(model):
             continue
-        if model.suffix != ".joblib" or not model.is_file():
-            model = Path(folder) / Path(str(model)).name
-        if model.suffix == ".joblib" and model.is_file():
-            try:
-                return r, load_model(model).bundle
-            except Exception as err:  # an old or foreign pickle: try the next row
-                warnings.warn(f"cannot load {model} ({err}); trying the next row", stacklevel=2)
+        try:  # only a file featurepipe wrote into this folder, with the row's sha256
+            return r, load_bundle(model, written_in=folder, sha256=r.get("model_sha256"))
+        except ModelRefused:
+            raise
+        except Exception as err:  # missing, old or broken: try the next row
+            warnings.warn(f"{err}; trying the next row", stacklevel=2)
     return None
 
 

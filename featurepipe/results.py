@@ -28,7 +28,7 @@ from pathlib import Path
 RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
                   "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks",
-                  "inputs")
+                  "inputs", "model_sha256")
 ROW_KEY = ("features", "clf")
 SELECTION_RULE = ("rows are ranked by their cross-validation accuracy on the training rows (ties: the "
                   "lower CV std, then the faster fit); the test accuracy is measured once per row and "

@@ -9,6 +9,7 @@ import pytest
 from featurepipe.errors import DataError, UsageError
 from featurepipe.extract import extract
 from featurepipe.fit import fit
+from featurepipe.modelfile import load_user
 from featurepipe.cli import run_main
 from featurepipe.predict import (MODEL_KINDS, FeaturesModel, FinetunedModel, Prediction, load_model, main,
                                  predict)
@@ -64,7 +65,7 @@ def test_predict_cli_writes_csv(trained, tmp_path, capsys):
 
 def test_predict_refuses_other_weights_and_non_models(trained, tmp_path):
     data, model = trained
-    bundle = joblib.load(model)
+    bundle = load_user(model)
     bundle["blocks"][0]["attrs"]["weights_sha256"] = "0" * 64
     other = tmp_path / "other.joblib"
     joblib.dump(bundle, other)
@@ -79,7 +80,7 @@ def test_predict_refuses_other_weights_and_non_models(trained, tmp_path):
 
 def test_predict_warns_when_tensorflow_differs(trained, tmp_path):
     data, model = trained
-    bundle = joblib.load(model)
+    bundle = load_user(model)
     bundle["blocks"][0]["attrs"]["tensorflow_version"] = "1.0.0"
     old = tmp_path / "old.joblib"
     joblib.dump(bundle, old)
