@@ -21,7 +21,7 @@ from .checks import check_at_least, check_n_jobs, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import models_dir_for
-from .results import best_row, can_be_chosen, current_rows, finetune_rows, number, ranked, results_markdown, update_results
+from .results import best_row, can_be_chosen, models_folder_lock, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -77,6 +77,14 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
         get_classifier(clf)  # an unknown name fails before any fit
     sets = feature_sets(files, concat=concat)
     folder = models_dir_for(files[0], claim=True)
+    with models_folder_lock(folder):  # one compare at a time per folder: rows name their own models
+        return _compare_locked(files, clfs, sets, folder, full=full, cv=cv, grid=grid, n_jobs=n_jobs, seed=seed,
+                               max_seconds=max_seconds, dask=dask, force=force, quiet=quiet, plots=plots,
+                               finetune=finetune, report=report)
+
+
+def _compare_locked(files, clfs, sets, folder, *, full, cv, grid, n_jobs, seed, max_seconds, dask, force,
+                    quiet, plots, finetune, report):
     rows = []
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
         for fs in sets:

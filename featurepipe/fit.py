@@ -9,6 +9,7 @@ data that cannot run code when loaded; its sha256 goes into the row and the side
 sidecar with the metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ from .checks import check_at_least, check_n_jobs, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
 from .paths import dataset_name, latest_pointer, models_dir_for
-from .results import RESULT_COLUMNS, inputs_digest, update_results
+from .results import RESULT_COLUMNS, inputs_digest, models_folder_lock, update_results
 from .store import load, write_json_atomic
 
 from .modelfile import MODEL_FORMAT, MODEL_SUFFIX, save_bundle  # noqa: F401 (MODEL_FORMAT: predict)
@@ -254,6 +255,14 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
     grid = fit_grid(grid, n_samples=len(train) * (folds - 1) // folds, n_features=fs.X.shape[1])
     key = row_key(files, spec.name, pipeline, grid, folds, seed)
     folder = models_dir_for(files[0], claim=save)
+    with models_folder_lock(folder) if save else contextlib.nullcontext():
+        return _fit_and_save(fs, files, spec, pipeline, grid, folds, seed, train, test, folder, key,
+                             reuse=reuse, save=save, n_jobs=n_jobs, max_seconds=max_seconds, dask=dask)
+
+
+def _fit_and_save(fs, files, spec, pipeline, grid, folds, seed, train, test, folder, key, *, reuse, save,
+                  n_jobs, max_seconds, dask):
+    """The search, the score and the saved model, row and sidecar (under the folder's lock)."""
     stem = model_stem(fs.name, spec.name)
     if reuse:
         old = _reusable(folder, stem, key)

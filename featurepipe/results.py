@@ -160,6 +160,40 @@ def _locked(path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_HELD = {}  # real path of a models folder -> depth of models_folder_lock held by this process
+
+
+@contextmanager
+def models_folder_lock(folder):
+    """Hold ``folder/.models.lock`` (a models folder) for a whole compare or fit: a second one
+    on the same folder waits (saying so on stderr), so each results row names the model file
+    fitted with it. Re-entrant within a process (compare holds it around its fits)."""
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    real = os.path.realpath(folder)
+    if _HELD.get(real):
+        _HELD[real] += 1
+        try:
+            yield
+        finally:
+            _HELD[real] -= 1
+        return
+    with open(folder / ".models.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another compare or fit on '{folder}' to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        _HELD[real] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(real, None)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _key(row):
     return tuple(str(row[k]) for k in ROW_KEY)
 
