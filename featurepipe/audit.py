@@ -34,6 +34,7 @@ from .cli import OneLineParser
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
+from .plotting import plain
 from .results import can_be_chosen, current_rows, ranked, read_results, update_results
 from .store import write_json_atomic
 
@@ -477,7 +478,7 @@ def plot_learning_curve(points, path, *, title=""):
     ax.set_ylabel("test accuracy")
     ax.set_ylim(max(0.0, float(np.min(mean - std)) - 0.05), 1.0)
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -21,6 +21,7 @@ from .checks import check_at_least, check_n_jobs, check_seed
 from .errors import UsageError
 from .fit import add_common_arguments, fit, load_feature_set, model_stem, resolve_feature_files
 from .paths import models_dir_for
+from .plotting import plain, plain_all
 from .results import best_row, can_be_chosen, models_folder_lock, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
@@ -165,7 +166,7 @@ def plot_results(rows, path, *, title=""):
             or not math.isnan(number(r.get("test_accuracy")))][::-1]
     if not rows:
         return None
-    labels = [f"{r['features']} / {r['clf']}" for r in rows]
+    labels = plain_all(f"{r['features']} / {r['clf']}" for r in rows)
     acc = [number(r.get("test_accuracy")) for r in rows]
     cv_mean = [number(r.get("cv_mean")) for r in rows]
     cv_std = [0.0 if math.isnan(number(r.get("cv_std"))) else number(r.get("cv_std")) for r in rows]
@@ -178,7 +179,7 @@ def plot_results(rows, path, *, title=""):
     low = min([a for a in acc + cv_mean if not math.isnan(a)])
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
     ax.set_xlabel("accuracy")
-    ax.set_title(f"{title}: classifiers × features".strip(": "))
+    ax.set_title(plain(f"{title}: classifiers × features".strip(": ")))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -220,11 +221,11 @@ def plot_confusion(matrix, class_names, path, *, title=""):
         for j in range(n):
             ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if m[i, j] > m.max() / 2 else "black")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xticks(range(n), plain_all(class_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), plain_all(class_names), fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -32,6 +32,7 @@ from .cli import OneLineParser
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
+from .plotting import plain, plain_all
 from .results import SELECTION_RULE, can_be_chosen, current_rows, ranked
 from .store import load, load_part, save_part
 
@@ -446,7 +447,7 @@ def accuracy_chart_svg(rows):
         no_leaks = np.array([_number(r.get("test_accuracy_no_leaks")) for r in rows])
         if not np.isnan(no_leaks).all():
             ax.plot(no_leaks, y, "|", color="#c44e52", ms=10, mew=2, label="test accuracy, no leaks")
-        ax.set_yticks(y, [f"{r['features']} / {r['clf']}" for r in rows], fontsize=8)
+        ax.set_yticks(y, plain_all(f"{r['features']} / {r['clf']}" for r in rows), fontsize=8)
         values = np.concatenate([acc, cv_mean, no_leaks])
         ax.set_xlim(max(0.0, np.nanmin(values) - 0.05), 1.0)
         ax.set_xlabel("accuracy")
@@ -466,7 +467,7 @@ def learning_curve_svg(rows):
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         for name, points in sorted(curves.items()):
             n, mean, std = np.array(sorted(points)).T
-            ax.plot(n, mean, "o-", ms=3, label=name)
+            ax.plot(n, mean, "o-", ms=3, label=plain(name))
             ax.fill_between(n, mean - std, mean + std, alpha=0.2)
         ax.set_xscale("log")
         ax.set_xlabel("training images per class")

@@ -222,3 +222,23 @@ def test_missing_files_are_listed_and_featurepipes_own_folder_is_not_a_class(def
         [result] = extract("data", [f"file:{tiny_model_path}"], preprocess="scale", verify=0)
     assert load(result.path).class_names == ["blue", "green", "red"]
     assert "skipped red/gone.png: file not found" in capsys.readouterr().err
+
+
+def test_names_with_mathtext_characters_run_the_whole_job(tmp_path, tiny_model_path, capsys):
+    """Class and folder names with ``$ \\ _ ^`` are shown as written, never parsed as mathtext."""
+    import shutil
+
+    data = make_dataset(tmp_path / "src", n_per_class=6)
+    names = {"blue": r"$\frac{a}$", "green": "x_1^2 $y$", "red": r"back\slash$"}
+    root = tmp_path / r"d$\frac{b}{c}$_^"
+    for old, new in names.items():
+        shutil.move(str(data / old), str(root / new))
+    argv = ["run", "--data", str(root), "--backbone", f"file:{tiny_model_path}", "--preprocess", "scale",
+            "--clf", "logreg", "--cv", "2", "--n-jobs", "1", "--quiet"]
+    assert featurepipe_main(argv) == 0, capsys.readouterr().err
+    models = tmp_path / "home" / "models" / root.name
+    for png in ("results.png", "confusion.png", "audit/learning_curve.png"):
+        assert (models / png).stat().st_size > 0, png
+    assert sorted(load(next((tmp_path / "home" / "data" / "features" / root.name).glob("*.h5"))).class_names) \
+        == sorted(names.values())
+    assert r"$\frac{a}$" in (models / "report.html").read_text()
