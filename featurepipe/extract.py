@@ -124,9 +124,10 @@ def outputs_and_images(data, out=None, *, allow_outside=False):
         check_outside_input(data, out_dir, what)
     own = [features_home()] if any(features_home().glob("*/*.h5")) else []  # feature files of other data sets
     index = list_images(data, exclude=[*own, *([out_dir] if out_dir else [])], allow_outside=allow_outside)
-    folder = index.images_folder()
-    out_dir = out_dir or default_out_dir(data, images_folder=folder)
-    check_outside_input(folder, out_dir, what)
+    folders = [Path(data)] if Path(data).is_dir() else index.images_folders()
+    out_dir = out_dir or default_out_dir(data, images_folder=folders)
+    for folder in folders:
+        check_outside_input(folder, out_dir, what)
     return out_dir, index
 
 

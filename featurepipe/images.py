@@ -9,7 +9,9 @@ Three layouts are understood:
 
 Walking rules (``walk_images``): hidden names are ignored; symlinked folders are followed but each
 real folder is visited once (a loop ends); folders passed as ``exclude`` (the output folder) are
-never entered; every non-folder entry with an image extension is listed, so that a FIFO, a device
+never entered, nor is any folder that resolves into featurepipe's own output folders
+(``featurepipe.paths.own_output_folders``: models, features, featurepipe-out, cache) unless the
+data itself lies there; every non-folder entry with an image extension is listed, so that a FIFO, a device
 or a broken symlink reaches the reader, which refuses it with a reason recorded like any
 unreadable image (only regular files are ever opened).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, UsageError
+from .paths import own_output_folders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
@@ -73,6 +76,17 @@ class ImageIndex:
         folders = {os.path.dirname(self.absolute(p)) for p in self.paths}
         return Path(os.path.commonpath(sorted(folders)))
 
+    def images_folders(self):
+        """The folders no output may be written inside: those holding the listed images (none
+        below another). Computed from the rows, so one absolute row of a CSV manifest
+        (``--allow-outside``) does not make its common folder, e.g. ``/``, an input folder."""
+        folders = sorted({os.path.dirname(self.absolute(p)) for p in self.paths} or {str(self.root)})
+        kept = set()
+        for folder in folders:  # sorted: a folder comes after its ancestors
+            if not any(str(parent) in kept for parent in Path(folder).parents):
+                kept.add(folder)
+        return [Path(f) for f in sorted(kept)]
+
 
 def is_image_file(name):
     """True for a visible file whose extension (any case) is an image extension."""
@@ -83,6 +97,23 @@ def _folder_key(path):
     """What identifies a real folder, whatever symlinks lead to it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+def own_folders_around(top):
+    """Real paths of featurepipe's output folders (``own_output_folders``), except one holding ``top``."""
+    top = os.path.realpath(top)
+    own = [os.path.realpath(p) for p in own_output_folders()]
+    return [o for o in own if not _contains(o, top)]
+
+
+def _into_own(path, own):
+    """The own output folder ``path`` resolves into, or None."""
+    real = os.path.realpath(path)
+    return next((o for o in own if _contains(o, real)), None)
+
+
+def _warn_own(path, folder):
+    warnings.warn(f"'{path}' leads into featurepipe's own output folder '{folder}'; not listed", stacklevel=4)
 
 
 def _exclude_keys(exclude):
@@ -115,6 +146,7 @@ def walk_images(folder, *, exclude=(), seen=None):
     seen |= _exclude_keys(exclude)
     found = []
     top_real = os.path.realpath(folder)
+    own = own_folders_around(folder)
 
     def visit(path, top=False):
         try:
@@ -135,6 +167,9 @@ def walk_images(folder, *, exclude=(), seen=None):
                     # a link to a folder above this one would pull in everything around the data set
                     warnings.warn(f"'{entry.path}' links to a folder that contains '{folder}'; "
                                   "not followed", stacklevel=4)
+                    continue
+                if (into := _into_own(entry.path, own)) is not None:
+                    _warn_own(entry.path, into)
                     continue
                 visit(entry.path)
             elif is_image_file(entry.name):
@@ -176,13 +211,17 @@ def expand_paths(items, *, exclude=()):
     return out
 
 
-def _subfolders(folder, exclude_keys=frozenset()):
+def _subfolders(folder, exclude_keys=frozenset(), own=None):
+    own = own_folders_around(folder) if own is None else own
     found = []
     for p in sorted(Path(folder).iterdir()):
         if p.is_symlink() and not p.exists() and not p.name.startswith(".") and not is_image_file(p.name):
             warnings.warn(f"'{p}' is a symbolic link to nothing ({os.readlink(p)}); left out", stacklevel=3)
             continue
         if p.name.startswith(".") or not p.is_dir():
+            continue
+        if (into := _into_own(p, own)) is not None:
+            _warn_own(p, into)
             continue
         if _folder_key(p) not in exclude_keys:
             found.append(p)

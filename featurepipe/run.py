@@ -169,9 +169,9 @@ def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preproce
     if len(set(index.labels.tolist())) < 2:
         raise DataError(f"'{data}' holds images of {len(set(index.labels.tolist()))} class; a classifier "
                         "needs two or more class folders (or labels)")
-    images = Path(data) if Path(data).is_dir() else index.images_folder()
     models_dir = models_dir_for(Path(out_dir) / "features.h5")  # refuses another data set's folder
-    check_outside_input(images, models_dir, "the models folder (FEATUREPIPE_MODELS)")
+    for images in [Path(data)] if Path(data).is_dir() else index.images_folders():
+        check_outside_input(images, models_dir, "the models folder (FEATUREPIPE_MODELS)")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -242,3 +242,36 @@ def test_names_with_mathtext_characters_run_the_whole_job(tmp_path, tiny_model_p
     assert sorted(load(next((tmp_path / "home" / "data" / "features" / root.name).glob("*.h5"))).class_names) \
         == sorted(names.values())
     assert r"$\frac{a}$" in (models / "report.html").read_text()
+
+
+def test_a_symlink_to_the_models_folder_never_becomes_a_class(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "photos", n_per_class=6)
+    models = tmp_path / "home" / "models"
+    (data / "models_link").symlink_to(models, target_is_directory=True)
+    (data / "results_link").symlink_to(models / "photos", target_is_directory=True)
+    first = _run(data, tiny_model_path, audit=False)
+    assert (first.models_dir / "results.png").is_file()
+    second = _run(data, tiny_model_path, audit=False)
+    for result in (first, second):
+        assert load(result.features[0]).class_names == ["blue", "green", "red"]
+        assert len(load(result.features[0])) == 18
+
+
+def test_a_manifest_with_an_absolute_row_keeps_a_usable_output_folder(tmp_path):
+    """An absolute row (``/etc/passwd``) with --allow-outside no longer makes '/' the image
+    folder: the default output is accepted, and an --out among the images is refused naming
+    their folder, so the fix the message names (another --out) works."""
+    from featurepipe.errors import UsageError
+    from featurepipe.extract import outputs_and_images
+
+    make_dataset(tmp_path / "imgs", n_per_class=2)
+    manifest = tmp_path / "m.csv"
+    rows = [f"imgs/{p.relative_to(tmp_path / 'imgs').as_posix()},{p.parent.name}"
+            for p in sorted((tmp_path / "imgs").rglob("*.png"))]
+    manifest.write_text("\n".join(rows + ["/etc/passwd,red"]) + "\n")
+    out, index = outputs_and_images(manifest, None, allow_outside=True)
+    assert "/etc/passwd" in index.paths and not str(out).startswith("/etc")
+    with pytest.raises(UsageError, match="inside the image folder '.*imgs.red'") as refused:
+        outputs_and_images(manifest, tmp_path / "imgs" / "red" / "out", allow_outside=True)
+    assert "'/'" not in str(refused.value)
+    assert outputs_and_images(manifest, tmp_path / "elsewhere", allow_outside=True)[0] == tmp_path / "elsewhere"
