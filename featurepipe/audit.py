@@ -31,6 +31,7 @@ import numpy as np
 
 from .classifiers import CLASSIFIERS
 from .cli import OneLineParser
+from .csvcells import dict_writer, unescape_row
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
@@ -622,7 +623,7 @@ def saved_audit(folder, key):
 
 def _read_csv(path):
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [unescape_row(r) for r in csv.DictReader(fh)]
 
 
 def _require(module):
@@ -650,7 +651,7 @@ def _best_feature_set(rows, files, joined):
 def _write_csv(path, columns, rows):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = dict_writer(fh, columns)
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     os.replace(tmp, path)

@@ -13,7 +13,6 @@ implicit load of a model featurepipe wrote (checked by ``featurepipe.modelfile``
 without ``written_in`` the file is the user's choice (``--model``).
 """
 
-import csv
 import os
 import sys
 import warnings
@@ -24,6 +23,7 @@ import numpy as np
 
 from .cli import OneLineParser
 from .checks import check_at_least, check_workers
+from .csvcells import writer as csv_writer
 from .errors import DataError, ImageError, UsageError
 from .fit import join_blocks, resolve_feature_files
 from .modelfile import check_written, load_user, load_written
@@ -270,6 +270,13 @@ def build_parser():
     return p
 
 
+def one_line(text):
+    """``text`` for one field of a stdout line: quoted and escaped (``repr``) when it holds a
+    control character (a newline in a file name would otherwise split the line)."""
+    text = str(text)
+    return repr(text) if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text) else text
+
+
 def _open_csv(path):
     if not Path(path).parent.is_dir():
         raise UsageError(f"--csv {path}: folder '{Path(path).parent}' does not exist; create it or "
@@ -294,7 +301,7 @@ def main(argv=None):
     out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
     try:
-        writer = csv.writer(out) if out else None
+        writer = csv_writer(out) if out else None
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
         for pred in iter_predictions(model, args.images, min_prob=args.min_prob,
@@ -302,7 +309,7 @@ def main(argv=None):
             n += 1
             n_bad += bool(pred.error)
             prob = "" if pred.error else f"{pred.probability:.4f}"
-            print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
+            print("\t".join(map(one_line, (pred.path, pred.label or "error", prob or pred.error))))
             if writer:
                 writer.writerow([pred.path, pred.label, prob, pred.error])
     finally:

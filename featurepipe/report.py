@@ -29,6 +29,7 @@ import numpy as np
 
 from . import __version__
 from .cli import OneLineParser
+from .csvcells import unescape_row
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
@@ -109,7 +110,7 @@ def read_csv(path):
     """Rows of a CSV as dicts of strings, or None when the file is absent or unreadable."""
     try:
         with open(path, newline="") as fh:
-            return list(csv.DictReader(fh))
+            return [unescape_row(r) for r in csv.DictReader(fh)]
     except FileNotFoundError:
         return None
     except (OSError, csv.Error, UnicodeDecodeError) as err:

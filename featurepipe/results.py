@@ -25,6 +25,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from .csvcells import dict_writer, unescape
+
 RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
                   "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks",
@@ -41,7 +43,7 @@ def read_results(folder):
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return [{c: r.get(c) or "" for c in RESULT_COLUMNS} for r in csv.DictReader(fh)]
+        return [{c: unescape(r.get(c) or "") for c in RESULT_COLUMNS} for r in csv.DictReader(fh)]
 
 
 def saved_row(saved, path):
@@ -229,7 +231,7 @@ def best_row(rows):
 
 
 def _write_csv(fh, rows):
-    writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer = dict_writer(fh, RESULT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
 

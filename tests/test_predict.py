@@ -132,3 +132,23 @@ def test_unknown_model_suffix_is_one_line_exit_2(tmp_path, capsys):
     assert run_main(main, ["--model", str(model), str(img)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model kind '.pkl'" in err and ".joblib or .keras" in err
+
+
+def test_predict_csv_escapes_and_stdout_quotes_control_characters(trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    data, model = trained
+    src = sorted((data / "red").iterdir())
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(src[0], folder / "=1+2.png")
+    shutil.copy(src[1], folder / "two\nlines.png")
+    out = tmp_path / "p.csv"
+    monkeypatch.chdir(folder)  # paths as given: the first cell of a row starts with '='
+    assert main(["--model", str(model), "=1+2.png", "two\nlines.png", "--csv", str(out)]) == 0
+    with open(out, newline="") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    assert not [c for c in cells if c.startswith("=")] and "'=1+2.png" in cells
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and any("two\\nlines.png" in line for line in lines)
+    assert all(line.count("\t") == 2 for line in lines)
