@@ -21,7 +21,7 @@ from .chunks import collect_parts, run_chunks_on_dask, run_local
 from .cli import OneLineParser
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices
 from .errors import DataError, UsageError
-from .images import list_images
+from .images import check_class_sizes, list_images
 from .paths import check_outside_input, default_out_dir, features_home, latest_pointer
 from .planning import (OutputLock, existing_file, output_path, part_name, plan_file, prepare_parts_dir,
                        remove_leftovers, valid_part)
@@ -97,6 +97,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
     out_dir, index = outputs_and_images(data, out, allow_outside=opts.allow_outside)
+    check_class_sizes(index, test_size=opts.test_size, val_size=opts.val_size, warn=True)
     _check_same_dataset(out_dir, index.root)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

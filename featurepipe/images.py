@@ -369,6 +369,61 @@ def _make_index(root, rows, class_names, split_given):
 # --------------------------------------------------------------------------- split
 
 
+def check_class_sizes(index, *, test_size, val_size, min_train=2, warn=False):
+    """Refuse (DataError; with ``warn``, a warning), before any feature is extracted, a split
+    that leaves a class fewer than ``min_train`` training (train + val) images: compare's
+    cross-validation needs two per class. ``run`` refuses; ``extract`` warns (its features may
+    serve other ends).
+
+    The counts are those ``assign_split`` gives a fresh run (or the layout's own split). The
+    message names the class, its counts and the option to change.
+    """
+    try:
+        _check_class_sizes(index, test_size=test_size, val_size=val_size, min_train=min_train)
+    except DataError as err:
+        if not warn:
+            raise
+        warnings.warn(f"{err} (compare will refuse these features)", stacklevel=2)
+
+
+def _check_class_sizes(index, *, test_size, val_size, min_train):
+    if not 0 <= test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
+        raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
+                         f"(got {test_size} and {val_size})")
+    counts = np.bincount(index.labels, minlength=len(index.class_names))
+    if index.given_split is not None:
+        train = np.bincount(index.labels[np.isin(index.given_split, ("train", "val"))],
+                            minlength=len(index.class_names))
+    else:
+        train = np.array([n - _n_test(n, test_size) for n in counts])
+    short = [k for k in np.flatnonzero(train < min_train) if counts[k] > 0]
+    if not short:
+        return
+    k = int(short[0])
+    name, n, kept = index.class_names[k], int(counts[k]), int(train[k])
+    more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+    if n < min_train:
+        raise DataError(f"class '{name}' has {n} image{more}; cross-validation needs {min_train} training "
+                        f"images per class: add images to '{name}' or remove the class")
+    if index.given_split is not None:
+        why, fix = "in the layout's train/val folders", f"move test images of '{name}' to train"
+    elif n < min_train + 1:
+        why = f"for training (one goes to the test split, --test-size {test_size:g})"
+        fix = f"add images to '{name}' ({min_train + 1} per class at least) or remove the class"
+    else:
+        why, fix = f"for training with --test-size {test_size:g}", "lower --test-size (default 0.2)"
+    raise DataError(f"class '{name}' keeps {kept} of its {n} images {why}{more}; cross-validation needs "
+                    f"{min_train} training images per class: {fix}")
+
+
+def _n_test(n, test_size):
+    """How many of a class's ``n`` images ``assign_split`` puts in test on a fresh run."""
+    n_test = int(round(n * test_size))
+    if n > 1 and test_size > 0:
+        n_test = max(n_test, 1)
+    return min(n_test, max(n - 1, 0))
+
+
 def split_hash(seed, rel_path):
     """A number in [0, 1) from the seed and the relative path (stable across runs and machines)."""
     digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
@@ -401,11 +456,8 @@ def assign_split(paths, labels, *, test_size, val_size, seed, known=None):
     for label in np.unique(labels[todo]) if todo else []:
         members = sorted((i for i in todo if labels[i] == label), key=lambda i: (hashes[i], paths[i]))
         n = len(members)
-        n_test = int(round(n * test_size))
+        n_test = _n_test(n, test_size)
         n_val = int(round(n * val_size))
-        if n > 1 and test_size > 0:
-            n_test = max(n_test, 1)
-        n_test = min(n_test, max(n - 1, 0))
         n_val = min(n_val, max(n - 1 - n_test, 0))
         for rank, i in enumerate(members):
             result[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"

@@ -275,3 +275,37 @@ def test_a_manifest_with_an_absolute_row_keeps_a_usable_output_folder(tmp_path):
         outputs_and_images(manifest, tmp_path / "imgs" / "red" / "out", allow_outside=True)
     assert "'/'" not in str(refused.value)
     assert outputs_and_images(manifest, tmp_path / "elsewhere", allow_outside=True)[0] == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("layout, options, named", [
+    ({"blue": 6, "green": 6, "red": 1}, [], "class 'red' has 1 image;"),
+    ({"blue": 6, "green": 6, "red": 6}, ["--test-size", "0.99"], "--test-size 0.99"),
+    ({f"c{k:02d}": 2 for k in range(40)}, [], "class 'c00' keeps 1 of its 2 images"),
+])
+@pytest.mark.parametrize("stage", ["run", "extract"])
+def test_class_sizes_are_refused_before_any_extraction(tmp_path, tiny_model_path, capsys, monkeypatch, layout,
+                                                       options, named, stage):
+    from conftest import make_image
+
+    data = tmp_path / "photos"
+    for k, (name, n) in enumerate(layout.items()):
+        for i in range(n):
+            make_image(data / name / f"img_{i}.png", (k * 6 % 255, 40, 200), size=(8, 8), seed=i)
+    argv = [stage, "--data", str(data), "--backbone", f"file:{tiny_model_path}", "--preprocess", "scale",
+            "--quiet", *options]
+    if stage == "extract":  # extract warns (its features may serve other ends), first thing
+        from featurepipe import extract as extractmod
+
+        def extract_nothing(*args):
+            raise AssertionError("extraction started")
+
+        monkeypatch.setattr(extractmod, "_extract_all", extract_nothing)
+        with pytest.raises(AssertionError, match="extraction started"), pytest.warns(UserWarning) as warned:
+            extractmod.main(argv[1:])
+        err = str(warned[0].message)
+        assert named in err and ("--test-size" in err or "add images" in err), err
+        return
+    assert featurepipe_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and ("--test-size" in err or "add images" in err), err
+    assert not (tmp_path / "home" / "data" / "features").exists()  # nothing was extracted
