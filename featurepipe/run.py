@@ -33,7 +33,7 @@ class RunResult:
     features : list of Path
         One feature file per backbone.
     models_dir : Path
-        ``models/<dataset>/``: one ``.joblib`` per row, ``results.csv``, ``results.md``, plots.
+        ``models/<dataset>/``: one ``.skops`` per row, ``results.csv``, ``results.md``, plots.
     rows : list of dict
         The results rows, ranked (best CV first).
     best : dict or None
@@ -61,7 +61,7 @@ class RunResult:
             lines.append(best_line(self.best))
         lines.append("")
         lines.append(f"features: {', '.join(str(Path(p).resolve()) for p in self.features)}")
-        lines.append(f"models and results: {self.models_dir.resolve()}/ (results.md, results.csv, *.joblib)")
+        lines.append(f"models and results: {self.models_dir.resolve()}/ (results.md, results.csv, *.skops)")
         if self.audit_dir is not None:
             lines.append(f"audit: {self.audit_dir.resolve()}/")
         if self.report is not None:
