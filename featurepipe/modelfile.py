@@ -9,8 +9,10 @@ records in the results row (``model_sha256``) and in the JSON sidecar.
 Every *implicit* load (the report, the audit, compare's report step, predict without
 ``--model``) goes through ``load_written``: the path must lie inside ``models/<dataset>/``
 (symlinks resolved) and the file's sha256 must be the one recorded with its row; the bytes that
-were hashed are the bytes loaded. Anything else is refused with one line (``DataError``), before
-a byte of the file is interpreted.
+were hashed are the bytes loaded. A file outside the folder, with another hash, of another
+format or holding untrusted types is refused (``ModelRefused``: one line, exit 2, whatever stage
+asked) before a byte of it is interpreted; a missing file or a row without a hash (an older
+featurepipe) is a plain ``DataError`` that the report and the audit pass over with a warning.
 
 A model the user names (``predict --model FILE``) is the user's choice: ``load_user`` loads a
 ``.skops`` trusting the types the file asks for, and a ``.joblib`` (older featurepipe, or the

@@ -24,7 +24,7 @@ import numpy as np
 from .cli import OneLineParser
 from .checks import check_at_least, check_workers
 from .csvcells import writer as csv_writer
-from .errors import DataError, ImageError, UsageError
+from .errors import ImageError, UsageError
 from .fit import join_blocks, resolve_feature_files
 from .modelfile import check_written, load_user, load_written
 from .images import expand_paths
@@ -119,7 +119,7 @@ def load_model(model_path, *, batch_size=32, engine="auto", workers=None, writte
     """The model at ``model_path``, of the kind its suffix names (``MODEL_KINDS``).
 
     ``written_in`` (``models/<dataset>/``) and ``sha256`` (its results row's ``model_sha256``)
-    make it an implicit load: the file must lie in that folder with that hash, else DataError
+    make it an implicit load: the file must lie in that folder with that hash, else ModelRefused
     before it is read (``featurepipe.modelfile``). Without them the file is the user's choice.
 
     Returns

@@ -166,12 +166,15 @@ def check_contract(feats, shape):
     rows = {"labels": feats.y, "split": feats.split, "file_size": feats.file_size,
             "mtime_ns": feats.mtime_ns, "sha1": feats.sha1}
     problem = None
+    cache = not names and bool(np.all(feats.split == CACHE_SPLIT)) and bool(np.all(feats.y == -1))
     if len(shape) != 2 or shape[0] != n:
         problem = f"features shape {tuple(shape)} does not match {n} paths"
     elif shape[1] == 0:
         problem = "the features have 0 columns"
     elif bad := [k for k, v in rows.items() if v is not None and (np.ndim(v) != 1 or len(v) != n)]:
         problem = f"'{bad[0]}' has {len(rows[bad[0]])} rows, 'paths' {n}"
+    elif cache:  # a transformer cache (below): no classes, labels -1, split "cache"
+        pass
     elif not names or len(set(names)) != len(names):
         problem = f"class_names {names[:10]} are {'empty' if not names else 'not unique'}"
     elif n and (int(feats.y.min()) < 0 or int(feats.y.max()) >= len(names)):
