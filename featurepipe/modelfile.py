@@ -73,6 +73,14 @@ def save_bundle(bundle, path):
     return sha256_of_bytes(data)
 
 
+def written_path(path, folder):
+    """Where a results row's model file is: ``path``, or, when nothing is there (the models
+    folder was moved or renamed), the file of that name in ``folder``."""
+    path = Path(str(path))
+    moved = Path(folder) / path.name
+    return moved if not os.path.lexists(path) and moved.is_file() else path
+
+
 def check_written(path, *, folder, sha256):
     """The bytes of ``path`` when it is a model featurepipe wrote into ``folder``; DataError else.
 
@@ -85,7 +93,7 @@ def check_written(path, *, folder, sha256):
     sha256 : str
         The hash recorded with the row (empty: refused, the row predates hashes).
     """
-    path, folder = Path(path), Path(folder)
+    path, folder = written_path(path, folder), Path(folder)
     real = Path(os.path.realpath(path))
     if real.parent != Path(os.path.realpath(folder)):
         raise ModelRefused(f"refusing to load '{path}': it is not a model file inside '{folder}' (a "

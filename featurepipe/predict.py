@@ -26,7 +26,7 @@ from .checks import check_at_least, check_workers
 from .csvcells import writer as csv_writer
 from .errors import ImageError, UsageError
 from .fit import join_blocks, resolve_feature_files
-from .modelfile import check_written, load_user, load_written
+from .modelfile import check_written, load_user, load_written, written_path
 from .images import expand_paths
 from .reader import FILE_DECODE_DEFAULT, Target, read_images
 from .settings import ExtractionSettings
@@ -239,8 +239,8 @@ def default_row():
 
     folder = models_dir_for(resolve_feature_files(None)[0])
     for row in ranked(current_rows(read_results(folder), folder)):
-        if can_be_chosen(row) and Path(row.get("model") or "").is_file():
-            return folder, row
+        if can_be_chosen(row) and written_path(row.get("model") or "", folder).is_file():
+            return folder, {**row, "model": str(written_path(row["model"], folder))}
     raise UsageError(f"no saved model in '{folder}'; run featurepipe compare first or pass --model")
 
 

@@ -133,3 +133,16 @@ def test_a_user_pickle_by_model_is_the_users_choice(tmp_path):
     with pytest.raises(ModelRefused, match="writes .skops model files only"):  # never unpickled implicitly
         load_written(tmp_path / "m.joblib", folder=tmp_path,
                      sha256=__import__("hashlib").sha256((tmp_path / "m.joblib").read_bytes()).hexdigest())
+
+
+def test_a_moved_models_folder_still_loads_its_own_models(compared, tmp_path, monkeypatch):
+    f, folder = compared
+    moved = tmp_path / "moved" / "models"
+    moved.parent.mkdir()
+    folder.parent.rename(moved)
+    monkeypatch.setenv("FEATUREPIPE_MODELS", str(moved))
+    [row] = _rows(moved / "synth")
+    assert not Path(row["model"]).exists()
+    bundle = load_written(row["model"], folder=moved / "synth", sha256=row["model_sha256"])
+    assert bundle["format"] == MODEL_FORMAT
+    assert run_main(report.main, ["--features", str(f)]) == 0
