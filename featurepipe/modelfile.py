@@ -9,10 +9,12 @@ records in the results row (``model_sha256``) and in the JSON sidecar.
 Every *implicit* load (the report, the audit, compare's report step, predict without
 ``--model``) goes through ``load_written``: the path must lie inside ``models/<dataset>/``
 (symlinks resolved) and the file's sha256 must be the one recorded with its row; the bytes that
-were hashed are the bytes loaded. A file outside the folder, with another hash, of another
-format or holding untrusted types is refused (``ModelRefused``: one line, exit 2, whatever stage
-asked) before a byte of it is interpreted; a missing file or a row without a hash (an older
-featurepipe) is a plain ``DataError`` that the report and the audit pass over with a warning.
+were hashed are the bytes loaded. A file outside the folder, with another hash or of another
+format is refused (``ModelRefused``: one line, exit 2, whatever stage asked) before a byte of it
+is interpreted. A file holding types outside the trusted list (a model of the user's own
+``--clf package.module:ClassName``), a missing file or a row without a hash (an older
+featurepipe) is a plain ``DataError``: nothing of it is built, and the report and the audit pass
+over it with a warning.
 
 A model the user names (``predict --model FILE``) is the user's choice: ``load_user`` loads a
 ``.skops`` trusting the types the file asks for, and a ``.joblib`` (older featurepipe, or the
@@ -151,8 +153,8 @@ def _skops_loads(data, path, *, trusted):
 
     try:
         return sio.loads(data, trusted=trusted)
-    except UntrustedTypesFoundException as err:
-        raise ModelRefused(f"refusing to load '{path}': it holds types featurepipe does not trust ({err}); "
+    except UntrustedTypesFoundException as err:  # e.g. the user's own --clf class: skipped, never built
+        raise DataError(f"not loading '{path}': it holds types featurepipe does not trust ({err}); "
                         "if you trust the file, pass it as predict --model") from None
     except Exception as err:
         raise DataError(f"'{path}' is not a featurepipe model ({type(err).__name__}: {err})") from None

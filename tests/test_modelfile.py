@@ -12,6 +12,7 @@ from featurepipe import audit, predict, report
 from featurepipe.classifiers import CLASSIFIERS, calibrated, needs_calibration
 from featurepipe.cli import run_main
 from featurepipe.compare import compare
+from featurepipe.errors import DataError
 from featurepipe.modelfile import (MODEL_FORMAT, TRUSTED_TYPES, ModelRefused, load_user, load_written,
                                    save_bundle)
 from featurepipe.paths import latest_pointer
@@ -120,8 +121,9 @@ def test_untrusted_types_are_refused_even_with_the_right_hash(tmp_path):
 
     path = tmp_path / "m.skops"
     sha = save_bundle({"format": MODEL_FORMAT, "model": Bunch(a=1)}, path)
-    with pytest.raises(ModelRefused, match="does not trust"):
+    with pytest.raises(DataError, match="does not trust") as refused:  # skipped by report/audit, never built
         load_written(path, folder=tmp_path, sha256=sha)
+    assert not isinstance(refused.value, ModelRefused)
     assert load_user(path)["model"]["a"] == 1  # --model: the user's choice
 
 
@@ -146,3 +148,37 @@ def test_a_moved_models_folder_still_loads_its_own_models(compared, tmp_path, mo
     bundle = load_written(row["model"], folder=moved / "synth", sha256=row["model_sha256"])
     assert bundle["format"] == MODEL_FORMAT
     assert run_main(report.main, ["--features", str(f)]) == 0
+
+
+from sklearn.base import BaseEstimator, ClassifierMixin  # noqa: E402
+
+
+class OwnClassifier(ClassifierMixin, BaseEstimator):
+    """A user's own estimator class (not in the trusted list)."""
+
+    def __init__(self, C=1.0):
+        self.C = C
+
+    def fit(self, X, y):
+        from sklearn.linear_model import LogisticRegression
+
+        self.inner_ = LogisticRegression(C=self.C).fit(X, y)
+        self.classes_ = self.inner_.classes_
+        return self
+
+    def predict_proba(self, X):
+        return self.inner_.predict_proba(X)
+
+    def predict(self, X):
+        return self.inner_.predict(X)
+
+
+def test_a_model_of_the_users_own_class_is_passed_over_not_fatal(tmp_path):
+    X, y, paths, split = separable()
+    f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
+    rows = compare([f], ["test_modelfile:OwnClassifier"], cv=3, n_jobs=1, plots=False, grid={"clf__C": [1.0]},
+                   report=False)
+    assert rows[0]["status"] == "ok"
+    with pytest.warns(UserWarning, match="does not trust"):
+        page = report.report([f])
+    assert page.path.is_file()
