@@ -37,9 +37,11 @@ import numpy as np
 
 from .classifiers import CLASSIFIERS
 from .cli import OneLineParser
+from .csvcells import dict_writer, unescape_row
 from .errors import DataError, UsageError
 from .fit import l2_normalize, load_feature_set, resolve_feature_files
 from .paths import models_dir_for
+from .plotting import plain
 from .results import can_be_chosen, current_rows, ranked, read_results, update_results
 from .store import write_json_atomic
 
@@ -373,7 +375,8 @@ def leaked_test_paths(pairs):
 def rescore_without_leaks(folder, files, leaked, *, loaded=None):
     """Fill ``test_accuracy_no_leaks`` of every results row whose model can be scored again.
 
-    With no leaks it is the test accuracy. Otherwise each row's ``.joblib`` model predicts the test
+    With no leaks it is the test accuracy. Otherwise each row's saved model (checked by
+    ``featurepipe.modelfile.load_written``) predicts the test
     rows of its feature set (the given files, joined by name) minus ``leaked``. Returns the number
     of rows filled; rows that cannot be scored (fine-tuned models, files not given) are left blank.
     ``loaded``: a FeatureSet already in memory, used instead of loading its files again.
@@ -388,19 +391,20 @@ def rescore_without_leaks(folder, files, leaked, *, loaded=None):
         keep = np.flatnonzero((loaded.split == "test") & ~np.isin(loaded.paths, list(leaked)))
         sets[tuple(loaded.name.split("+"))] = (loaded.X[keep], loaded.y[keep])
     for row in rows:
-        value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets)
+        value = row.get("test_accuracy", "") if not leaked else _accuracy_without(row, stems, leaked, sets, folder)
         row["test_accuracy_no_leaks"] = value
         filled += value not in ("", None)
     update_results(folder, rows)
     return filled
 
 
-def _accuracy_without(row, stems, leaked, sets):
-    from .predict import load_model
+def _accuracy_without(row, stems, leaked, sets, folder):
+    from .modelfile import ModelRefused, is_features_model
+    from .predict import load_bundle
 
     names = str(row.get("features", "")).split("+")
     model_path = Path(str(row.get("model", "")))
-    if model_path.suffix != ".joblib" or not model_path.is_file() or not all(n in stems for n in names):
+    if not is_features_model(model_path) or not model_path.is_file() or not all(n in stems for n in names):
         return ""
     key = tuple(names)
     if key not in sets:  # only the test rows without a leak are kept: memory for a few sets at scale
@@ -412,8 +416,10 @@ def _accuracy_without(row, stems, leaked, sets):
     if len(y) == 0:
         return ""
     try:
-        model = load_model(model_path).estimator
+        model = load_bundle(model_path, written_in=folder, sha256=row.get("model_sha256"))["model"]
         pred = model.classes_[np.argmax(model.predict_proba(X), axis=1)]
+    except ModelRefused:
+        raise
     except Exception as err:  # one stale or broken model must not stop the audit
         warnings.warn(f"{model_path.name}: not scored again ({type(err).__name__}: {err})", stacklevel=2)
         return ""
@@ -615,7 +621,7 @@ def plot_learning_curve(points, path, *, title=""):
     ax.set_ylabel("test accuracy")
     ax.set_ylim(max(0.0, float(np.min(mean - std)) - 0.05), 1.0)
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -797,7 +803,7 @@ def saved_audit(folder, key):
 
 def _read_csv(path):
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [unescape_row(r) for r in csv.DictReader(fh)]
 
 
 def _require(module):
@@ -810,12 +816,14 @@ def _require(module):
 def _best_feature_set(rows, files, joined):
     """The feature set of the best results row by CV (``ranked``) that the given files can
     rebuild (else all joined)."""
+    from .modelfile import is_features_model
+
     stems = {Path(f).stem: Path(f) for f in files}
     for r in ranked(rows):
         if not can_be_chosen(r):
             continue
         names = str(r.get("features", "")).split("+")
-        if str(r.get("model", "")).endswith(".joblib") and all(n in stems for n in names):
+        if is_features_model(r.get("model", "")) and all(n in stems for n in names):
             return joined if "+".join(names) == joined.name else load_feature_set([stems[n] for n in names])
     return joined
 
@@ -823,7 +831,7 @@ def _best_feature_set(rows, files, joined):
 def _write_csv(path, columns, rows):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = dict_writer(fh, columns)
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     os.replace(tmp, path)

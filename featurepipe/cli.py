@@ -11,7 +11,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one ``error: ...`` line on stderr (exit code 2), no usage dump."""
+    """argparse, but a bad option is one ``error: ...`` line on stderr (exit code 2), no usage dump.
+
+    Every list option takes both forms, ``--clf a b`` and ``--clf a --clf b`` (and mixed): an
+    option declared with ``nargs="+"``/``"*"`` or ``action="append"`` collects every value of
+    every occurrence (``action="extend"``), so a repeat is never silently dropped.
+    """
+
+    def add_argument(self, *args, **kwargs):
+        if args and str(args[0]).startswith("-") and kwargs.get("action") in (None, "store", "append"):
+            if kwargs.get("nargs") in ("+", "*"):
+                kwargs["action"] = "extend"
+            elif kwargs.get("action") == "append" and "nargs" not in kwargs:
+                kwargs.update(action="extend", nargs="+")
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -29,7 +29,8 @@ from .budget import announce, check_plans
 from .fit import (add_common_arguments, feature_set_header, fit, model_stem, plan_row, read_features,
                   resolve_feature_files)
 from .paths import models_dir_for
-from .results import best_row, can_be_chosen, current_rows, finetune_rows, number, ranked, results_markdown, update_results
+from .plotting import plain, plain_all
+from .results import best_row, can_be_chosen, models_folder_lock, current_rows, finetune_rows, number, ranked, results_markdown, update_results
 
 
 def feature_sets(files, *, concat=True):
@@ -111,6 +112,14 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
     if not quiet:
         announce(plans)
     folder = models_dir_for(files[0], claim=True)
+    with models_folder_lock(folder):  # one compare at a time per folder: rows name their own models
+        return _compare_locked(files, clfs, sets, plans, folder, full=full, cv=cv, grid=grid, n_jobs=n_jobs, seed=seed,
+                               max_seconds=max_seconds, dask=dask, force=force, quiet=quiet, plots=plots,
+                               finetune=finetune, report=report)
+
+
+def _compare_locked(files, clfs, sets, plans, folder, *, full, cv, grid, n_jobs, seed, max_seconds, dask, force,
+                    quiet, plots, finetune, report):
     rows = []
     plan_of = iter(plans)
     with _dask_session(dask), _progress(len(sets) * len(clfs), quiet) as bar:
@@ -142,8 +151,12 @@ def compare(feature_files=None, clfs=None, *, full=False, cv=5, grid=None, n_job
 def _write_report(files):
     from .report import report
 
+    from .modelfile import ModelRefused
+
     try:
         report(files)
+    except ModelRefused:
+        raise
     except Exception as err:  # the table is written; a report problem must not fail the run
         warnings.warn(f"report.html not written: {err}", stacklevel=3)
 
@@ -193,7 +206,7 @@ def plot_results(rows, path, *, title=""):
             or not math.isnan(number(r.get("test_accuracy")))][::-1]
     if not rows:
         return None
-    labels = [f"{r['features']} / {r['clf']}" for r in rows]
+    labels = plain_all(f"{r['features']} / {r['clf']}" for r in rows)
     acc = [number(r.get("test_accuracy")) for r in rows]
     cv_mean = [number(r.get("cv_mean")) for r in rows]
     cv_std = [0.0 if math.isnan(number(r.get("cv_std"))) else number(r.get("cv_std")) for r in rows]
@@ -206,7 +219,7 @@ def plot_results(rows, path, *, title=""):
     low = min([a for a in acc + cv_mean if not math.isnan(a)])
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
     ax.set_xlabel("accuracy")
-    ax.set_title(f"{title}: classifiers × features".strip(": "))
+    ax.set_title(plain(f"{title}: classifiers × features".strip(": ")))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -248,11 +261,11 @@ def plot_confusion(matrix, class_names, path, *, title=""):
         for j in range(n):
             ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if m[i, j] > m.max() / 2 else "black")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xticks(range(n), plain_all(class_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), plain_all(class_names), fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -21,7 +21,7 @@ from .chunks import collect_parts, run_chunks_on_dask, run_local
 from .cli import OneLineParser
 from .engines import DEFAULT_BATCH_SIZE, FeatureModel, engine_choices
 from .errors import DataError, UsageError
-from .images import list_images
+from .images import check_class_sizes, list_images
 from .paths import check_outside_input, default_out_dir, features_home, latest_pointer
 from .planning import (OutputLock, existing_file, output_path, part_name, plan_file, prepare_parts_dir,
                        remove_leftovers, valid_part)
@@ -97,6 +97,7 @@ def extract(data, backbones=DEFAULT_BACKBONES, *, out=None,
     backbones = list(backbones) if not isinstance(backbones, str) else [backbones]
     _validate(opts, backbones)
     out_dir, index = outputs_and_images(data, out, allow_outside=opts.allow_outside)
+    check_class_sizes(index, test_size=opts.test_size, val_size=opts.val_size, warn=True)
     _check_same_dataset(out_dir, index.root)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,9 +125,10 @@ def outputs_and_images(data, out=None, *, allow_outside=False):
         check_outside_input(data, out_dir, what)
     own = [features_home()] if any(features_home().glob("*/*.h5")) else []  # feature files of other data sets
     index = list_images(data, exclude=[*own, *([out_dir] if out_dir else [])], allow_outside=allow_outside)
-    folder = index.images_folder()
-    out_dir = out_dir or default_out_dir(data, images_folder=folder)
-    check_outside_input(folder, out_dir, what)
+    folders = [Path(data)] if Path(data).is_dir() else index.images_folders()
+    out_dir = out_dir or default_out_dir(data, images_folder=folders)
+    for folder in folders:
+        check_outside_input(folder, out_dir, what)
     return out_dir, index
 
 

@@ -4,8 +4,9 @@
 ``python -m featurepipe.fit`` only parses arguments and prints it. Several feature files are
 joined column-wise, rows aligned by ``paths``, each block L2-normalised first (a single file is
 L2-normalised too, so predict always applies the same transform). The model is saved as
-``models/<dataset>/<features>__<clf>.joblib`` with what predict needs, a JSON sidecar with the
-metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
+``models/<dataset>/<features>__<clf>.skops`` with what predict needs (``featurepipe.modelfile``:
+data that cannot run code when loaded; its sha256 goes into the row and the sidecar), a JSON
+sidecar with the metrics, and its row in ``results.csv`` / ``results.md`` of that folder.
 
 At scale: every fit is planned first (``plan_row``, ``featurepipe.budget``) and refused with one
 line when it cannot fit in memory; above ``search_max_rows()`` training rows the grid search runs
@@ -13,6 +14,7 @@ on a stratified subsample and the winner is refit on all training rows (said in 
 a worker process killed by the system (out of memory) fails the row with one line, not a traceback.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,10 +39,10 @@ from .checks import check_at_least, check_n_jobs, check_seed
 from .children import die_with_parent, loky_workers_die_with_parent
 from .errors import DataError, UsageError
 from .paths import dataset_name, latest_pointer, models_dir_for
-from .results import RESULT_COLUMNS, inputs_digest, update_results
+from .results import RESULT_COLUMNS, inputs_digest, models_folder_lock, update_results
 from .store import load, write_json_atomic
+from .modelfile import MODEL_FORMAT, MODEL_SUFFIX, save_bundle  # noqa: F401 (MODEL_FORMAT: predict)
 
-MODEL_FORMAT = "featurepipe-model/1"
 SEARCH_MAX_ROWS = 20_000  # above this many training rows, the grid search runs on a subsample
 
 
@@ -249,6 +251,7 @@ class FitResult:
     n_train: int = 0
     n_test: int = 0
     model: str = ""
+    model_sha256: str = ""
     key: str = ""
     test_accuracy_no_leaks: float = math.nan  # filled by featurepipe.audit
     inputs: str = ""  # the feature files by name, size and mtime (featurepipe.results.inputs_digest)
@@ -332,6 +335,14 @@ def fit(feature_files=None, clf="svm", *, cv=5, grid=None, full_grid=False, n_jo
         announce([plan])
     key = row_key(files, spec.name, pipeline, grid, folds, seed, search_rows=plan.search_rows)
     folder = models_dir_for(files[0], claim=save)
+    with models_folder_lock(folder) if save else contextlib.nullcontext():
+        return _fit_and_save(fs, files, spec, pipeline, grid, folds, seed, train, test, folder, key, plan,
+                             reuse=reuse, save=save, n_jobs=n_jobs, max_seconds=max_seconds, dask=dask)
+
+
+def _fit_and_save(fs, files, spec, pipeline, grid, folds, seed, train, test, folder, key, plan, *, reuse, save,
+                  n_jobs, max_seconds, dask):
+    """The search, the score and the saved model, row and sidecar (under the folder's lock)."""
     stem = model_stem(fs.name, spec.name)
     if reuse:
         old = _reusable(folder, stem, key)
@@ -583,20 +594,17 @@ def _score(found, fs, test, base, seconds):
 
 
 def _save(result, model, fs, folder, stem):
-    import joblib
     from dataclasses import asdict, replace
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.joblib"
+    path = folder / f"{stem}{MODEL_SUFFIX}"
     result = replace(result, model=str(path))
     bundle = {"format": MODEL_FORMAT, "model": model, "class_names": fs.class_names,
               "features": fs.name, "clf": result.clf, "block_norm": "l2", "blocks": fs.blocks,
               "featurepipe_version": __version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "metrics": result.row()}
-    tmp = folder / f".{stem}.joblib.tmp-{os.getpid()}"
-    joblib.dump(bundle, tmp)
-    os.replace(tmp, path)
+    result = replace(result, model_sha256=save_bundle(bundle, path))
     write_json_atomic(folder / f"{stem}.json", {k: _json_safe(v) for k, v in asdict(result).items()})
     update_results(folder, [result.row()])
     return result
@@ -616,12 +624,23 @@ def _reusable(folder, stem, key):
         saved = json.loads((folder / f"{stem}.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("key") != key or saved.get("status") != "ok" or not (folder / f"{stem}.joblib").is_file():
+    if saved.get("key") != key or saved.get("status") != "ok" or not _model_intact(folder, stem, saved):
         return None
     names = {f.name for f in fields(FitResult)}
     values = {k: (math.nan if v is None else v) for k, v in saved.items() if k in names}
     values["reused"] = True
     return FitResult(**values)
+
+
+def _model_intact(folder, stem, saved):
+    """True when the sidecar's model file is there with the sha256 the sidecar recorded."""
+    from .modelfile import check_written
+
+    try:
+        check_written(folder / f"{stem}{MODEL_SUFFIX}", folder=folder, sha256=saved.get("model_sha256"))
+    except DataError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,7 +9,9 @@ Three layouts are understood:
 
 Walking rules (``walk_images``): hidden names are ignored; symlinked folders are followed but each
 real folder is visited once (a loop ends); folders passed as ``exclude`` (the output folder) are
-never entered; every non-folder entry with an image extension is listed, so that a FIFO, a device
+never entered, nor is any folder that resolves into featurepipe's own output folders
+(``featurepipe.paths.own_output_folders``: models, features, featurepipe-out, cache) unless the
+data itself lies there; every non-folder entry with an image extension is listed, so that a FIFO, a device
 or a broken symlink reaches the reader, which refuses it with a reason recorded like any
 unreadable image (only regular files are ever opened).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, UsageError
+from .paths import own_output_folders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
@@ -73,6 +76,17 @@ class ImageIndex:
         folders = {os.path.dirname(self.absolute(p)) for p in self.paths}
         return Path(os.path.commonpath(sorted(folders)))
 
+    def images_folders(self):
+        """The folders no output may be written inside: those holding the listed images (none
+        below another). Computed from the rows, so one absolute row of a CSV manifest
+        (``--allow-outside``) does not make its common folder, e.g. ``/``, an input folder."""
+        folders = sorted({os.path.dirname(self.absolute(p)) for p in self.paths} or {str(self.root)})
+        kept = set()
+        for folder in folders:  # sorted: a folder comes after its ancestors
+            if not any(str(parent) in kept for parent in Path(folder).parents):
+                kept.add(folder)
+        return [Path(f) for f in sorted(kept)]
+
 
 def is_image_file(name):
     """True for a visible file whose extension (any case) is an image extension."""
@@ -83,6 +97,23 @@ def _folder_key(path):
     """What identifies a real folder, whatever symlinks lead to it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+def own_folders_around(top):
+    """Real paths of featurepipe's output folders (``own_output_folders``), except one holding ``top``."""
+    top = os.path.realpath(top)
+    own = [os.path.realpath(p) for p in own_output_folders()]
+    return [o for o in own if not _contains(o, top)]
+
+
+def _into_own(path, own):
+    """The own output folder ``path`` resolves into, or None."""
+    real = os.path.realpath(path)
+    return next((o for o in own if _contains(o, real)), None)
+
+
+def _warn_own(path, folder):
+    warnings.warn(f"'{path}' leads into featurepipe's own output folder '{folder}'; not listed", stacklevel=4)
 
 
 def _exclude_keys(exclude):
@@ -115,6 +146,7 @@ def walk_images(folder, *, exclude=(), seen=None):
     seen |= _exclude_keys(exclude)
     found = []
     top_real = os.path.realpath(folder)
+    own = own_folders_around(folder)
 
     def visit(path, top=False):
         try:
@@ -135,6 +167,9 @@ def walk_images(folder, *, exclude=(), seen=None):
                     # a link to a folder above this one would pull in everything around the data set
                     warnings.warn(f"'{entry.path}' links to a folder that contains '{folder}'; "
                                   "not followed", stacklevel=4)
+                    continue
+                if (into := _into_own(entry.path, own)) is not None:
+                    _warn_own(entry.path, into)
                     continue
                 visit(entry.path)
             elif is_image_file(entry.name):
@@ -176,13 +211,17 @@ def expand_paths(items, *, exclude=()):
     return out
 
 
-def _subfolders(folder, exclude_keys=frozenset()):
+def _subfolders(folder, exclude_keys=frozenset(), own=None):
+    own = own_folders_around(folder) if own is None else own
     found = []
     for p in sorted(Path(folder).iterdir()):
         if p.is_symlink() and not p.exists() and not p.name.startswith(".") and not is_image_file(p.name):
             warnings.warn(f"'{p}' is a symbolic link to nothing ({os.readlink(p)}); left out", stacklevel=3)
             continue
         if p.name.startswith(".") or not p.is_dir():
+            continue
+        if (into := _into_own(p, own)) is not None:
+            _warn_own(p, into)
             continue
         if _folder_key(p) not in exclude_keys:
             found.append(p)
@@ -330,6 +369,61 @@ def _make_index(root, rows, class_names, split_given):
 # --------------------------------------------------------------------------- split
 
 
+def check_class_sizes(index, *, test_size, val_size, min_train=2, warn=False):
+    """Refuse (DataError; with ``warn``, a warning), before any feature is extracted, a split
+    that leaves a class fewer than ``min_train`` training (train + val) images: compare's
+    cross-validation needs two per class. ``run`` refuses; ``extract`` warns (its features may
+    serve other ends).
+
+    The counts are those ``assign_split`` gives a fresh run (or the layout's own split). The
+    message names the class, its counts and the option to change.
+    """
+    try:
+        _check_class_sizes(index, test_size=test_size, val_size=val_size, min_train=min_train)
+    except DataError as err:
+        if not warn:
+            raise
+        warnings.warn(f"{err} (compare will refuse these features)", stacklevel=2)
+
+
+def _check_class_sizes(index, *, test_size, val_size, min_train):
+    if not 0 <= test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
+        raise UsageError(f"--test-size and --val-size must be in [0, 1) with a sum below 1 "
+                         f"(got {test_size} and {val_size})")
+    counts = np.bincount(index.labels, minlength=len(index.class_names))
+    if index.given_split is not None:
+        train = np.bincount(index.labels[np.isin(index.given_split, ("train", "val"))],
+                            minlength=len(index.class_names))
+    else:
+        train = np.array([n - _n_test(n, test_size) for n in counts])
+    short = [k for k in np.flatnonzero(train < min_train) if counts[k] > 0]
+    if not short:
+        return
+    k = int(short[0])
+    name, n, kept = index.class_names[k], int(counts[k]), int(train[k])
+    more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+    if n < min_train:
+        raise DataError(f"class '{name}' has {n} image{more}; cross-validation needs {min_train} training "
+                        f"images per class: add images to '{name}' or remove the class")
+    if index.given_split is not None:
+        why, fix = "in the layout's train/val folders", f"move test images of '{name}' to train"
+    elif n < min_train + 1:
+        why = f"for training (one goes to the test split, --test-size {test_size:g})"
+        fix = f"add images to '{name}' ({min_train + 1} per class at least) or remove the class"
+    else:
+        why, fix = f"for training with --test-size {test_size:g}", "lower --test-size (default 0.2)"
+    raise DataError(f"class '{name}' keeps {kept} of its {n} images {why}{more}; cross-validation needs "
+                    f"{min_train} training images per class: {fix}")
+
+
+def _n_test(n, test_size):
+    """How many of a class's ``n`` images ``assign_split`` puts in test on a fresh run."""
+    n_test = int(round(n * test_size))
+    if n > 1 and test_size > 0:
+        n_test = max(n_test, 1)
+    return min(n_test, max(n - 1, 0))
+
+
 def split_hash(seed, rel_path):
     """A number in [0, 1) from the seed and the relative path (stable across runs and machines)."""
     digest = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
@@ -362,11 +456,8 @@ def assign_split(paths, labels, *, test_size, val_size, seed, known=None):
     for label in np.unique(labels[todo]) if todo else []:
         members = sorted((i for i in todo if labels[i] == label), key=lambda i: (hashes[i], paths[i]))
         n = len(members)
-        n_test = int(round(n * test_size))
+        n_test = _n_test(n, test_size)
         n_val = int(round(n * val_size))
-        if n > 1 and test_size > 0:
-            n_test = max(n_test, 1)
-        n_test = min(n_test, max(n - 1, 0))
         n_val = min(n_val, max(n - 1 - n_test, 0))
         for rank, i in enumerate(members):
             result[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"

@@ -45,6 +45,13 @@ def features_home():
     return data_home() / "features"
 
 
+def own_output_folders():
+    """Every folder featurepipe writes into: the models root, the feature folder, the fallback
+    output folder and the cache. The image walker never lists anything that resolves into one
+    of them (``featurepipe.images``), so the tool's own outputs never become a class."""
+    return [models_home(), features_home(), Path(FALLBACK_OUT), cache_dir()]
+
+
 def latest_pointer():
     """The file naming the feature files of the most recent extract run with this data home."""
     home = str(data_home().resolve())
@@ -55,16 +62,18 @@ def default_out_dir(data, *, images_folder=None):
     """Where a data set's feature files go when no ``--out`` is given.
 
     ``data_home()/features/<name of the data folder, or the CSV's stem>``; when that lies inside
-    ``images_folder`` (default: ``data`` when it is a folder), e.g. ``--data data`` with class
-    folders right in ``./data``, ``./featurepipe-out/<name>``. Raises UsageError when both lie
-    inside it (the working folder is inside the image folder).
+    ``images_folder`` (default: ``data`` when it is a folder; a list: any folder of it), e.g.
+    ``--data data`` with class folders right in ``./data``, ``./featurepipe-out/<name>``. Raises
+    UsageError when both lie inside it (the working folder is inside the image folder).
     """
     data = Path(data)
     name = data.stem if data.is_file() else data.resolve().name
     tree = images_folder if images_folder is not None else (data if data.is_dir() else None)
+    trees = [] if tree is None else [tree] if isinstance(tree, (str, Path)) else list(tree)
     for out in (features_home() / name, Path(FALLBACK_OUT) / name):
-        if tree is None or not is_inside(out, tree):
+        if not any(is_inside(out, t) for t in trees):
             return out
+    tree = next(t for t in trees if is_inside(out, t))
     raise UsageError(f"the working folder is inside the image folder '{tree}', so every default "
                      "output folder would be too; pass --out DIR outside it (or run from another folder)")
 

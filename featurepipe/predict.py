@@ -6,11 +6,13 @@ features of the images in streamed batches, applies the same per-block L2 normal
 returns one ``Prediction`` per image. Unreadable images are reported, not fatal.
 
 ``load_model(path)`` is the one model loader: ``MODEL_KINDS`` maps a file suffix to a class
-(``.joblib`` from ``featurepipe.fit``, ``.keras`` from ``featurepipe.finetune``), each with
-``predict_paths(paths) -> list[Prediction]``. A new kind of model is one class and one entry.
+(``.skops`` from ``featurepipe.fit``, an older or the user's ``.joblib``, ``.keras`` from
+``featurepipe.finetune``), each with ``predict_paths(paths) -> list[Prediction]``. A new kind of
+model is one class and one entry. ``load_model(path, written_in=folder, sha256=...)`` is the
+implicit load of a model featurepipe wrote (checked by ``featurepipe.modelfile`` first);
+without ``written_in`` the file is the user's choice (``--model``).
 """
 
-import csv
 import os
 import sys
 import warnings
@@ -22,8 +24,10 @@ import numpy as np
 from .cli import OneLineParser
 from .checks import check_at_least, check_workers
 from .children import loky_workers_die_with_parent
-from .errors import DataError, ImageError, UsageError
-from .fit import MODEL_FORMAT, join_blocks, resolve_feature_files
+from .csvcells import writer as csv_writer
+from .errors import ImageError, UsageError
+from .fit import join_blocks, resolve_feature_files
+from .modelfile import check_written, load_user, load_written, written_path
 from .images import expand_paths
 from .reader import FILE_DECODE_DEFAULT, Target, read_images
 from .settings import ExtractionSettings
@@ -45,23 +49,17 @@ class Prediction:
     error: str = ""
 
 
-def load_bundle(model_path):
-    """Load a model bundle saved by ``featurepipe.fit`` (only from a path the user gave)."""
-    import joblib
-
-    path = Path(model_path)
-    try:
-        bundle = joblib.load(path)
-    except Exception as err:
-        raise DataError(f"'{path}' is not a featurepipe model ({type(err).__name__}: {err})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
-        raise DataError(f"'{path}' is not a featurepipe model (saved by python -m featurepipe.fit)")
-    return bundle
+def load_bundle(model_path, *, written_in=None, sha256=None):
+    """A model bundle saved by ``featurepipe.fit``: checked (``modelfile.load_written``) when
+    ``written_in`` names the models folder it must lie in, else the user's file (``load_user``)."""
+    if written_in is not None:
+        return load_written(model_path, folder=written_in, sha256=sha256)
+    return load_user(model_path)
 
 
 class FeaturesModel:
-    """A ``.joblib`` from ``featurepipe.fit``: the backbones rebuilt from their stored settings,
-    then the scikit-learn classifier on their joined features.
+    """A ``.skops`` (or ``.joblib``) from ``featurepipe.fit``: the backbones rebuilt from their
+    stored settings, then the scikit-learn classifier on their joined features.
 
     Attributes
     ----------
@@ -70,8 +68,8 @@ class FeaturesModel:
     estimator : the fitted scikit-learn classifier
     """
 
-    def __init__(self, path, *, batch_size=32, engine="auto", workers=None):
-        self.bundle = load_bundle(path)
+    def __init__(self, path, *, batch_size=32, engine="auto", workers=None, written_in=None, sha256=None):
+        self.bundle = load_bundle(path, written_in=written_in, sha256=sha256)
         self.estimator = self.bundle["model"]
         self.batch_size, self.engine, self.workers = batch_size, engine, workers
         self._models = None
@@ -92,9 +90,11 @@ class FinetunedModel:
     """A ``.keras`` from ``featurepipe.finetune`` (its ``.json`` beside it gives the class names,
     input size, resize and decode): images in, class probabilities out."""
 
-    def __init__(self, path, *, batch_size=32, engine="auto", workers=None):
+    def __init__(self, path, *, batch_size=32, engine="auto", workers=None, written_in=None, sha256=None):
         from .finetune.model import load_finetuned
 
+        if written_in is not None:
+            check_written(path, folder=written_in, sha256=sha256)
         self.keras_model, meta = load_finetuned(path)
         self.class_names = list(meta["class_names"])
         self.target = Target(int(meta["image_size"]), meta.get("resize", "stretch"),
@@ -113,11 +113,15 @@ class FinetunedModel:
         return [_answer(path, self.class_names, answers.get(i), errors.get(i)) for i, path in enumerate(paths)]
 
 
-MODEL_KINDS = {".joblib": FeaturesModel, ".keras": FinetunedModel}
+MODEL_KINDS = {".skops": FeaturesModel, ".joblib": FeaturesModel, ".keras": FinetunedModel}
 
 
-def load_model(model_path, *, batch_size=32, engine="auto", workers=None):
+def load_model(model_path, *, batch_size=32, engine="auto", workers=None, written_in=None, sha256=None):
     """The model at ``model_path``, of the kind its suffix names (``MODEL_KINDS``).
+
+    ``written_in`` (``models/<dataset>/``) and ``sha256`` (its results row's ``model_sha256``)
+    make it an implicit load: the file must lie in that folder with that hash, else ModelRefused
+    before it is read (``featurepipe.modelfile``). Without them the file is the user's choice.
 
     Returns
     -------
@@ -131,7 +135,7 @@ def load_model(model_path, *, batch_size=32, engine="auto", workers=None):
                          f"{' or '.join(MODEL_KINDS)} file (saved by featurepipe.fit or featurepipe.finetune)")
     if not path.is_file():
         raise UsageError(f"model file not found: '{path}'")
-    return kind(path, batch_size=batch_size, engine=engine, workers=workers)
+    return kind(path, batch_size=batch_size, engine=engine, workers=workers, written_in=written_in, sha256=sha256)
 
 
 def _answer(path, classes, proba, error):
@@ -174,8 +178,8 @@ def predict(model_path, images, *, min_prob=None, batch_size=32, engine="auto", 
     Parameters
     ----------
     model_path : str or Path
-        A ``.joblib`` saved by ``featurepipe.fit`` or a ``.keras`` from ``featurepipe.finetune``
-        (see ``MODEL_KINDS``).
+        A ``.skops`` saved by ``featurepipe.fit`` or a ``.keras`` from ``featurepipe.finetune``
+        (see ``MODEL_KINDS``), or a model already loaded by ``load_model``.
     images : list of str or Path
         Image files and folders (searched recursively).
     min_prob : float, optional
@@ -200,7 +204,8 @@ def iter_predictions(model_path, images, *, min_prob=None, batch_size=32, engine
     paths = expand_images(images)
     if not paths:
         raise UsageError("no image files given (files or folders of .jpg/.png/...)")
-    model = load_model(model_path, batch_size=batch_size, engine=engine, workers=workers)
+    model = (model_path if hasattr(model_path, "predict_paths")
+             else load_model(model_path, batch_size=batch_size, engine=engine, workers=workers))
     with _progress(len(paths), progress) as bar:
         for start in range(0, len(paths), CHUNK):
             for pred in model.predict_paths(paths[start:start + CHUNK]):
@@ -238,26 +243,38 @@ def _chunk_features(chunk, models, targets, batch_size, workers):
 # --------------------------------------------------------------------------- CLI
 
 
-def default_model():
-    """The saved model of the best results row by CV (``featurepipe.results.ranked``) of the
-    latest extract run's data set: what predict uses without ``--model``."""
+def default_row():
+    """(models folder, results row) of the best row by CV (``featurepipe.results.ranked``) with a
+    saved model, of the latest extract run's data set: what predict uses without ``--model``."""
     from .paths import models_dir_for
     from .results import can_be_chosen, current_rows, ranked, read_results
 
     folder = models_dir_for(resolve_feature_files(None)[0])
     for row in ranked(current_rows(read_results(folder), folder)):
-        model = Path(row.get("model") or "")
-        if can_be_chosen(row) and model.is_file():
-            return model
+        if can_be_chosen(row) and written_path(row.get("model") or "", folder).is_file():
+            return folder, {**row, "model": str(written_path(row["model"], folder))}
     raise UsageError(f"no saved model in '{folder}'; run featurepipe compare first or pass --model")
+
+
+def default_model():
+    """The path of the model ``default_row`` names."""
+    return Path(default_row()[1]["model"])
+
+
+def load_default_model(*, batch_size=32, engine="auto", workers=None):
+    """The model of ``default_row``, loaded only after its path and sha256 are checked."""
+    folder, row = default_row()
+    return row["model"], load_model(row["model"], batch_size=batch_size, engine=engine, workers=workers,
+                                    written_in=folder, sha256=row.get("model_sha256"))
 
 
 def build_parser():
     p = OneLineParser(prog="python -m featurepipe.predict",
                                 description="Classify image files with a model saved by featurepipe.fit.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", help="a .joblib saved by featurepipe.fit (or a fine-tuned .keras); default: the "
-                                   "best row by CV of the latest run's results table")
+    p.add_argument("--model", help="a .skops saved by featurepipe.fit (or a fine-tuned .keras, or a .joblib: "
+                                   "a pickle, which runs any code it holds, so name only files you trust); "
+                                   "default: the best row by CV of the latest run's results table, checked by sha256")
     p.add_argument("--csv", metavar="OUT.csv", help="also write path,label,probability,error to this file "
                                                    "(row by row into a temporary file, renamed when complete)")
     p.add_argument("--min-prob", type=float, help="answer 'unknown' when the top probability is below this")
@@ -265,6 +282,13 @@ def build_parser():
     p.add_argument("--engine", default="auto", help="forward-pass engine (auto, tf)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def one_line(text):
+    """``text`` for one field of a stdout line: quoted and escaped (``repr``) when it holds a
+    control character (a newline in a file name would otherwise split the line)."""
+    text = str(text)
+    return repr(text) if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text) else text
 
 
 def _open_csv(path):
@@ -305,23 +329,24 @@ def _main(argv):
     if missing:  # a typo on the command line, not a bad image among many
         raise UsageError(f"no such file or folder: '{missing[0]}'"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if args.model is None:
-        args.model = default_model()
-        print(f"model: {args.model} (the best row by CV of {Path(args.model).parent / 'results.csv'})",
+    model = args.model
+    if model is None:
+        path, model = load_default_model(batch_size=args.batch_size, engine=args.engine)
+        print(f"model: {path} (the best row by CV of {Path(path).parent / 'results.csv'})",
               file=sys.stderr)
     out = _open_csv(args.csv) if args.csv else None
     n = n_bad = 0
     complete = False
     try:
-        writer = csv.writer(out) if out else None
+        writer = csv_writer(out) if out else None
         if writer:
             writer.writerow(["path", "label", "probability", "error"])
-        for pred in iter_predictions(args.model, args.images, min_prob=args.min_prob,
+        for pred in iter_predictions(model, args.images, min_prob=args.min_prob,
                                      batch_size=args.batch_size, engine=args.engine, progress=not args.quiet):
             n += 1
             n_bad += bool(pred.error)
             prob = "" if pred.error else f"{pred.probability:.4f}"
-            print(f"{pred.path}\t{pred.label or 'error'}\t{prob or pred.error}")
+            print("\t".join(map(one_line, (pred.path, pred.label or "error", prob or pred.error))))
             if writer:
                 writer.writerow([pred.path, pred.label, prob, pred.error])
         complete = True

@@ -29,9 +29,11 @@ import numpy as np
 
 from . import __version__
 from .cli import OneLineParser
+from .csvcells import unescape_row
 from .errors import DataError
 from .fit import load_feature_set, resolve_feature_files
 from .paths import dataset_name, models_dir_for
+from .plotting import plain, plain_all
 from .results import SELECTION_RULE, can_be_chosen, current_rows, ranked
 from .store import load, load_part, save_part
 
@@ -110,7 +112,7 @@ def read_csv(path):
     """Rows of a CSV as dicts of strings, or None when the file is absent or unreadable."""
     try:
         with open(path, newline="") as fh:
-            return list(csv.DictReader(fh))
+            return [unescape_row(r) for r in csv.DictReader(fh)]
     except FileNotFoundError:
         return None
     except (OSError, csv.Error, UnicodeDecodeError) as err:
@@ -225,19 +227,19 @@ def results_section(rows):
 def best_model(rows, folder):
     """(row, loaded model bundle) of the best row by CV (``ranked``) whose scikit-learn model is
     saved, or None. The test accuracy plays no part in the choice."""
-    from .predict import load_model
+    from .modelfile import ModelRefused, is_features_model
+    from .predict import load_bundle
 
     for r in ranked(rows):
         model = Path(r.get("model") or "")
-        if not can_be_chosen(r):
+        if not can_be_chosen(r) or not is_features_model(model):
             continue
-        if model.suffix != ".joblib" or not model.is_file():
-            model = Path(folder) / Path(str(model)).name
-        if model.suffix == ".joblib" and model.is_file():
-            try:
-                return r, load_model(model).bundle
-            except Exception as err:  # an old or foreign pickle: try the next row
-                warnings.warn(f"cannot load {model} ({err}); trying the next row", stacklevel=2)
+        try:  # only a file featurepipe wrote into this folder, with the row's sha256
+            return r, load_bundle(model, written_in=folder, sha256=r.get("model_sha256"))
+        except ModelRefused:
+            raise
+        except Exception as err:  # missing, old or broken: try the next row
+            warnings.warn(f"{err}; trying the next row", stacklevel=2)
     return None
 
 
@@ -486,7 +488,7 @@ def accuracy_chart_svg(rows):
         no_leaks = np.array([_number(r.get("test_accuracy_no_leaks")) for r in rows])
         if not np.isnan(no_leaks).all():
             ax.plot(no_leaks, y, "|", color="#c44e52", ms=10, mew=2, label="test accuracy, no leaks")
-        ax.set_yticks(y, [f"{r['features']} / {r['clf']}" for r in rows], fontsize=8)
+        ax.set_yticks(y, plain_all(f"{r['features']} / {r['clf']}" for r in rows), fontsize=8)
         values = np.concatenate([acc, cv_mean, no_leaks])
         ax.set_xlim(max(0.0, np.nanmin(values) - 0.05), 1.0)
         ax.set_xlabel("accuracy")
@@ -506,7 +508,7 @@ def learning_curve_svg(rows):
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         for name, points in sorted(curves.items()):
             n, mean, std = np.array(sorted(points)).T
-            ax.plot(n, mean, "o-", ms=3, label=name)
+            ax.plot(n, mean, "o-", ms=3, label=plain(name))
             ax.fill_between(n, mean - std, mean + std, alpha=0.2)
         ax.set_xscale("log")
         ax.set_xlabel("training images per class")

@@ -25,10 +25,12 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from .csvcells import dict_writer, unescape
+
 RESULT_COLUMNS = ("features", "clf", "cv_mean", "cv_std", "test_accuracy", "test_macro_f1",
                   "fit_seconds", "predict_ms_per_image", "best_params", "status",
                   "convergence_warnings", "n_train", "n_test", "model", "key", "test_accuracy_no_leaks",
-                  "inputs")
+                  "inputs", "model_sha256")
 ROW_KEY = ("features", "clf")
 SELECTION_RULE = ("rows are ranked by their cross-validation accuracy on the training rows (ties: the "
                   "lower CV std, then the faster fit); the test accuracy is measured once per row and "
@@ -41,7 +43,7 @@ def read_results(folder):
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return [{c: r.get(c) or "" for c in RESULT_COLUMNS} for r in csv.DictReader(fh)]
+        return [{c: unescape(r.get(c) or "") for c in RESULT_COLUMNS} for r in csv.DictReader(fh)]
 
 
 def saved_row(saved, path):
@@ -160,6 +162,40 @@ def _locked(path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_HELD = {}  # real path of a models folder -> depth of models_folder_lock held by this process
+
+
+@contextmanager
+def models_folder_lock(folder):
+    """Hold ``folder/.models.lock`` (a models folder) for a whole compare or fit: a second one
+    on the same folder waits (saying so on stderr), so each results row names the model file
+    fitted with it. Re-entrant within a process (compare holds it around its fits)."""
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    real = os.path.realpath(folder)
+    if _HELD.get(real):
+        _HELD[real] += 1
+        try:
+            yield
+        finally:
+            _HELD[real] -= 1
+        return
+    with open(folder / ".models.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another compare or fit on '{folder}' to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        _HELD[real] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(real, None)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _key(row):
     return tuple(str(row[k]) for k in ROW_KEY)
 
@@ -195,7 +231,7 @@ def best_row(rows):
 
 
 def _write_csv(fh, rows):
-    writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer = dict_writer(fh, RESULT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
 

@@ -33,7 +33,7 @@ class RunResult:
     features : list of Path
         One feature file per backbone.
     models_dir : Path
-        ``models/<dataset>/``: one ``.joblib`` per row, ``results.csv``, ``results.md``, plots.
+        ``models/<dataset>/``: one ``.skops`` per row, ``results.csv``, ``results.md``, plots.
     rows : list of dict
         The results rows, ranked (best CV first).
     best : dict or None
@@ -61,7 +61,7 @@ class RunResult:
             lines.append(best_line(self.best))
         lines.append("")
         lines.append(f"features: {', '.join(str(Path(p).resolve()) for p in self.features)}")
-        lines.append(f"models and results: {self.models_dir.resolve()}/ (results.md, results.csv, *.joblib)")
+        lines.append(f"models and results: {self.models_dir.resolve()}/ (results.md, results.csv, *.skops)")
         if self.audit_dir is not None:
             lines.append(f"audit: {self.audit_dir.resolve()}/")
         if self.report is not None:
@@ -106,7 +106,8 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
 
     backbones = list(backbones or (ALL_BACKBONES if full else DEFAULT_BACKBONES))
     _check_before_work(data, out, backbones=backbones, clfs=clfs, cv=cv, n_jobs=n_jobs, seed=seed,
-                       preprocess=preprocess, allow_outside=allow_outside)
+                       preprocess=preprocess, allow_outside=allow_outside, test_size=test_size,
+                       val_size=val_size)
     seconds = {}
     say = (lambda msg: None) if quiet else (lambda msg: print(f"==> {msg}", file=sys.stderr, flush=True))
 
@@ -146,7 +147,8 @@ def run(data, *, backbones=None, clfs=None, full=False, out=None, audit=True, re
                      audit_dir=audit_dir, report=report_path, seconds=seconds)
 
 
-def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preprocess, allow_outside):
+def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preprocess, allow_outside, test_size,
+                       val_size):
     """Every refusal that does not need the features, before any is extracted: the arguments,
     the layout (two classes at least), and where the outputs and the models would go."""
     from .backbones import get_backbone
@@ -154,7 +156,7 @@ def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preproce
     from .classifiers import get_classifier
     from .errors import DataError
     from .extract import outputs_and_images
-    from .images import check_data
+    from .images import check_class_sizes, check_data
     from .paths import check_outside_input, models_dir_for
 
     check_data(data)
@@ -169,9 +171,10 @@ def _check_before_work(data, out, *, backbones, clfs, cv, n_jobs, seed, preproce
     if len(set(index.labels.tolist())) < 2:
         raise DataError(f"'{data}' holds images of {len(set(index.labels.tolist()))} class; a classifier "
                         "needs two or more class folders (or labels)")
-    images = Path(data) if Path(data).is_dir() else index.images_folder()
+    check_class_sizes(index, test_size=test_size, val_size=val_size)
     models_dir = models_dir_for(Path(out_dir) / "features.h5")  # refuses another data set's folder
-    check_outside_input(images, models_dir, "the models folder (FEATUREPIPE_MODELS)")
+    for images in [Path(data)] if Path(data).is_dir() else index.images_folders():
+        check_outside_input(images, models_dir, "the models folder (FEATUREPIPE_MODELS)")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -136,7 +136,7 @@ def load(path, *, features=True):
         if X is not None and (X.ndim != 2 or X.shape[0] != n):
             raise DataError(f"'{path}': features shape {X.shape} does not match {n} paths")
         skipped = [tuple(r) for r in f["skipped"].asstr()[()]] if "skipped" in f else []
-        return Features(
+        return check_contract(Features(
             X=None if X is None else X.astype(np.float32, copy=False),
             y=f["labels"][()].astype(np.int32),
             paths=_strings(f["paths"]),
@@ -149,7 +149,43 @@ def load(path, *, features=True):
             skipped=skipped,
             skipped_stat=f["skipped_stat"][()] if "skipped_stat" in f else np.zeros((0, 2), np.int64),
             source=str(path),
-        )
+        ), f["features"].shape)
+
+
+def check_contract(feats, shape):
+    """``feats`` when its rows keep the contract (module docstring), else one DataError naming
+    what is broken: every stage reading the file then stops with one line.
+
+    Parameters
+    ----------
+    feats : Features
+    shape : tuple
+        The shape of the file's ``features`` dataset (checked even when ``X`` was not read).
+    """
+    n, names = len(feats.paths), list(feats.class_names)
+    rows = {"labels": feats.y, "split": feats.split, "file_size": feats.file_size,
+            "mtime_ns": feats.mtime_ns, "sha1": feats.sha1}
+    problem = None
+    cache = not names and bool(np.all(feats.split == CACHE_SPLIT)) and bool(np.all(feats.y == -1))
+    if len(shape) != 2 or shape[0] != n:
+        problem = f"features shape {tuple(shape)} does not match {n} paths"
+    elif shape[1] == 0:
+        problem = "the features have 0 columns"
+    elif bad := [k for k, v in rows.items() if v is not None and (np.ndim(v) != 1 or len(v) != n)]:
+        problem = f"'{bad[0]}' has {len(rows[bad[0]])} rows, 'paths' {n}"
+    elif cache:  # a transformer cache (below): no classes, labels -1, split "cache"
+        pass
+    elif not names or len(set(names)) != len(names):
+        problem = f"class_names {names[:10]} are {'empty' if not names else 'not unique'}"
+    elif n and (int(feats.y.min()) < 0 or int(feats.y.max()) >= len(names)):
+        problem = f"a label is {int(feats.y.max()) if int(feats.y.max()) >= len(names) else int(feats.y.min())}, " \
+                  f"outside the {len(names)} class_names"
+    elif other := sorted(set(feats.split.tolist()) - {"train", "val", "test"}):
+        problem = f"split value '{other[0]}' is not train, val or test"
+    if problem:
+        raise DataError(f"'{feats.source}' breaks the feature-file contract ({problem}); extract it again "
+                        "(featurepipe extract ... --overwrite) or fix the program that wrote it")
+    return feats
 
 
 def read_attrs(path):

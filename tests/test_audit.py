@@ -9,6 +9,8 @@ from featurepipe.audit import (CURVE_COLUMNS, DUPLICATE_COLUMNS, SUSPECT_COLUMNS
                                doubling_gain, main, similar_pairs)
 from featurepipe.cli import run_main
 from featurepipe.compare import compare
+from featurepipe.modelfile import load_user
+from featurepipe.results import update_results
 
 from conftest import FLOWERS, needs_shared
 from featurefiles import CLASSES, write_features
@@ -104,8 +106,6 @@ def test_audit_finds_planted_copies_leaks_and_wrong_labels(tmp_path):
 
 
 def test_leak_adjusted_accuracy_fills_every_row(tmp_path):
-    import joblib
-
     X, y, paths, split, plan = planted(spread=4.0)  # overlapping classes: test accuracy < 1
     f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
     compare([f], ["logreg", "knn"], cv=3, n_jobs=1, plots=False)
@@ -118,7 +118,7 @@ def test_leak_adjusted_accuracy_fills_every_row(tmp_path):
     test = [i for i, s in enumerate(split) if s == "test" and paths[i] not in leaked]
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     for r in rows:
-        model = joblib.load(r["model"])["model"]
+        model = load_user(r["model"])["model"]
         expected = np.mean(model.predict(Xn[test]) == y[test])
         assert float(r["test_accuracy_no_leaks"]) == pytest.approx(expected, abs=1e-6)
     assert any(float(r["test_accuracy_no_leaks"]) != float(r["test_accuracy"]) for r in rows)
@@ -136,8 +136,11 @@ def test_a_broken_model_is_left_blank_with_a_warning(tmp_path):
     f = write_features(tmp_path / "feats" / "synth" / "alpha.h5", X, y, paths, split)
     compare([f], ["logreg", "knn"], cv=3, n_jobs=1, plots=False)
     folder = tmp_path / "home" / "models" / "synth"
-    (folder / "alpha__knn.joblib").write_bytes(b"not a model")
-    with pytest.warns(UserWarning, match="alpha__knn.joblib: not scored again"):
+    rows = _csv(folder / "results.csv")  # a row of an older featurepipe: no sha256 recorded
+    for r in rows:
+        r["model_sha256"] = "" if r["clf"] == "knn" else r["model_sha256"]
+    update_results(folder, rows)
+    with pytest.warns(UserWarning, match="alpha__knn.skops: not scored again"):
         audit([f], seeds=1, n_jobs=1)
     rows = {r["clf"]: r["test_accuracy_no_leaks"] for r in _csv(folder / "results.csv")}
     assert rows["knn"] == "" and rows["logreg"] != ""

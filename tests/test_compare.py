@@ -94,3 +94,34 @@ def test_compare_finetune_trains_missing_model_once_and_shows_its_row(tmp_path, 
     assert ("alpha", "finetune") in {(r["features"], r["clf"]) for r in rows}
     compare([a, b], ["nb"], cv=3, n_jobs=1, finetune=["synthetic"], concat=False)
     assert len(calls) == 1  # the saved model is reused, not trained again
+
+
+def test_two_concurrent_compares_leave_rows_that_name_their_own_models(tmp_path):
+    """Two compares of different options on one models folder at once: afterwards every row's
+    key and CV are those of its model's sidecar and bundle, and its sha256 that of the file."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from featurepipe.modelfile import load_user
+
+    a, b = two_files(tmp_path)
+    base = [sys.executable, "-m", "featurepipe", "compare", "--features", str(a), str(b), "--clf", "logreg", "nb",
+            "knn", "--n-jobs", "1", "--quiet"]
+    procs = [subprocess.Popen(base + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for extra in (["--cv", "3"], [])]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    folder = tmp_path / "home" / "models" / "synth"
+    with open(folder / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 9
+    for r in rows:
+        sidecar = json.loads(Path(r["model"]).with_suffix(".json").read_text())
+        metrics = load_user(r["model"])["metrics"]
+        assert r["key"] == sidecar["key"] == metrics["key"], r["features"] + " / " + r["clf"]
+        assert float(r["cv_mean"]) == pytest.approx(sidecar["cv_mean"], abs=1e-5)
+        assert r["model_sha256"] == hashlib.sha256(Path(r["model"]).read_bytes()).hexdigest()

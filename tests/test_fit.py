@@ -5,13 +5,13 @@ import time
 import types
 from contextlib import contextmanager
 
-import joblib
 import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featurepipe.classifiers import CLASSIFIERS, fit_grid, get_classifier, parse_grid
 from featurepipe.errors import DataError, UsageError
+from featurepipe.modelfile import load_user
 from featurepipe.fit import RESULT_COLUMNS, fit, l2_normalize, load_feature_set, main
 from featurepipe.paths import latest_pointer
 
@@ -109,7 +109,7 @@ def test_fit_cli_saves_model_sidecar_and_results_row(tmp_path, synth, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out and "precision" in out  # summary and per-class report
     folder = tmp_path / "home" / "models" / "synth"
-    bundle = joblib.load(folder / "alpha__logreg.joblib")
+    bundle = load_user(folder / "alpha__logreg.skops")
     assert bundle["class_names"] == CLASSES and bundle["blocks"][0]["attrs"]["backbone"] == "synthetic"
     assert hasattr(bundle["model"], "predict_proba")
     saved = json.loads((folder / "alpha__logreg.json").read_text())
@@ -129,7 +129,7 @@ def test_fit_defaults_to_the_latest_extract_run(tmp_path, synth):
     pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.write_text(json.dumps({"data": "x", "files": [str(synth)]}))
     result = fit(clf="nb", cv=3, n_jobs=1)
-    assert result.features == "alpha" and result.model.endswith("alpha__nb.joblib")
+    assert result.features == "alpha" and result.model.endswith("alpha__nb.skops")
 
 
 def test_no_features_and_no_extract_run_is_a_usage_error():
@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, synth, capsys):
 def test_custom_estimator_by_import_path_is_calibrated(synth):
     result = fit([synth], "sklearn.linear_model:RidgeClassifier", cv=3, n_jobs=1, grid={"clf__alpha": [1.0]})
     assert result.status == "ok" and result.test_accuracy >= 0.9
-    bundle = joblib.load(result.model)
+    bundle = load_user(result.model)
     assert bundle["model"].predict_proba(np.ones((1, 12), np.float32)).shape == (1, 3)
     with pytest.raises(UsageError, match="cannot import"):
         get_classifier("nosuch.module:Thing")

@@ -9,6 +9,7 @@ import pytest
 from featurepipe.errors import DataError, UsageError
 from featurepipe.extract import extract
 from featurepipe.fit import fit
+from featurepipe.modelfile import load_user
 from featurepipe.cli import run_main
 from featurepipe.predict import (MODEL_KINDS, FeaturesModel, FinetunedModel, Prediction, load_model, main,
                                  predict)
@@ -64,7 +65,7 @@ def test_predict_cli_writes_csv(trained, tmp_path, capsys):
 
 def test_predict_refuses_other_weights_and_non_models(trained, tmp_path):
     data, model = trained
-    bundle = joblib.load(model)
+    bundle = load_user(model)
     bundle["blocks"][0]["attrs"]["weights_sha256"] = "0" * 64
     other = tmp_path / "other.joblib"
     joblib.dump(bundle, other)
@@ -79,7 +80,7 @@ def test_predict_refuses_other_weights_and_non_models(trained, tmp_path):
 
 def test_predict_warns_when_tensorflow_differs(trained, tmp_path):
     data, model = trained
-    bundle = joblib.load(model)
+    bundle = load_user(model)
     bundle["blocks"][0]["attrs"]["tensorflow_version"] = "1.0.0"
     old = tmp_path / "old.joblib"
     joblib.dump(bundle, old)
@@ -200,3 +201,22 @@ def test_a_predict_that_dies_midway_leaves_no_csv_that_looks_complete(tmp_path, 
         main(["--model", "m.joblib", str(images), "--csv", str(tmp_path / "out.csv")])
     assert not (tmp_path / "out.csv").exists()
     assert not list(tmp_path.glob(".out.csv.tmp-*"))
+
+def test_predict_csv_escapes_and_stdout_quotes_control_characters(trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    data, model = trained
+    src = sorted((data / "red").iterdir())
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(src[0], folder / "=1+2.png")
+    shutil.copy(src[1], folder / "two\nlines.png")
+    out = tmp_path / "p.csv"
+    monkeypatch.chdir(folder)  # paths as given: the first cell of a row starts with '='
+    assert main(["--model", str(model), "=1+2.png", "two\nlines.png", "--csv", str(out)]) == 0
+    with open(out, newline="") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    assert not [c for c in cells if c.startswith("=")] and "'=1+2.png" in cells
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and any("two\\nlines.png" in line for line in lines)
+    assert all(line.count("\t") == 2 for line in lines)

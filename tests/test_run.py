@@ -191,7 +191,8 @@ def test_csv_manifests_that_are_not_utf8_or_name_missing_files_are_one_line(tmp_
     for manifest in (latin, utf16):
         assert featurepipe_main(["run", "--data", str(manifest), *backbone]) == 2
     assert featurepipe_main(["extract", "--data", str(missing), *backbone, "--quiet", "--no-verify"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("warning: class ")]  # extract warns: one image per class
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
     assert "UTF-8" in err[0] and "UTF-8" in err[1] and "img/blue/nope.png" in err[2]
     assert images.is_dir()
@@ -222,3 +223,90 @@ def test_missing_files_are_listed_and_featurepipes_own_folder_is_not_a_class(def
         [result] = extract("data", [f"file:{tiny_model_path}"], preprocess="scale", verify=0)
     assert load(result.path).class_names == ["blue", "green", "red"]
     assert "skipped red/gone.png: file not found" in capsys.readouterr().err
+
+
+def test_names_with_mathtext_characters_run_the_whole_job(tmp_path, tiny_model_path, capsys):
+    """Class and folder names with ``$ \\ _ ^`` are shown as written, never parsed as mathtext."""
+    import shutil
+
+    data = make_dataset(tmp_path / "src", n_per_class=6)
+    names = {"blue": r"$\frac{a}$", "green": "x_1^2 $y$", "red": r"back\slash$"}
+    root = tmp_path / r"d$\frac{b}{c}$_^"
+    for old, new in names.items():
+        shutil.move(str(data / old), str(root / new))
+    argv = ["run", "--data", str(root), "--backbone", f"file:{tiny_model_path}", "--preprocess", "scale",
+            "--clf", "logreg", "--cv", "2", "--n-jobs", "1", "--quiet"]
+    assert featurepipe_main(argv) == 0, capsys.readouterr().err
+    models = tmp_path / "home" / "models" / root.name
+    for png in ("results.png", "confusion.png", "audit/learning_curve.png"):
+        assert (models / png).stat().st_size > 0, png
+    assert sorted(load(next((tmp_path / "home" / "data" / "features" / root.name).glob("*.h5"))).class_names) \
+        == sorted(names.values())
+    assert r"$\frac{a}$" in (models / "report.html").read_text()
+
+
+def test_a_symlink_to_the_models_folder_never_becomes_a_class(tmp_path, tiny_model_path):
+    data = make_dataset(tmp_path / "photos", n_per_class=6)
+    models = tmp_path / "home" / "models"
+    (data / "models_link").symlink_to(models, target_is_directory=True)
+    (data / "results_link").symlink_to(models / "photos", target_is_directory=True)
+    first = _run(data, tiny_model_path, audit=False)
+    assert (first.models_dir / "results.png").is_file()
+    second = _run(data, tiny_model_path, audit=False)
+    for result in (first, second):
+        assert load(result.features[0]).class_names == ["blue", "green", "red"]
+        assert len(load(result.features[0])) == 18
+
+
+def test_a_manifest_with_an_absolute_row_keeps_a_usable_output_folder(tmp_path):
+    """An absolute row (``/etc/passwd``) with --allow-outside no longer makes '/' the image
+    folder: the default output is accepted, and an --out among the images is refused naming
+    their folder, so the fix the message names (another --out) works."""
+    from featurepipe.errors import UsageError
+    from featurepipe.extract import outputs_and_images
+
+    make_dataset(tmp_path / "imgs", n_per_class=2)
+    manifest = tmp_path / "m.csv"
+    rows = [f"imgs/{p.relative_to(tmp_path / 'imgs').as_posix()},{p.parent.name}"
+            for p in sorted((tmp_path / "imgs").rglob("*.png"))]
+    manifest.write_text("\n".join(rows + ["/etc/passwd,red"]) + "\n")
+    out, index = outputs_and_images(manifest, None, allow_outside=True)
+    assert "/etc/passwd" in index.paths and not str(out).startswith("/etc")
+    with pytest.raises(UsageError, match="inside the image folder '.*imgs.red'") as refused:
+        outputs_and_images(manifest, tmp_path / "imgs" / "red" / "out", allow_outside=True)
+    assert "'/'" not in str(refused.value)
+    assert outputs_and_images(manifest, tmp_path / "elsewhere", allow_outside=True)[0] == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("layout, options, named", [
+    ({"blue": 6, "green": 6, "red": 1}, [], "class 'red' has 1 image;"),
+    ({"blue": 6, "green": 6, "red": 6}, ["--test-size", "0.99"], "--test-size 0.99"),
+    ({f"c{k:02d}": 2 for k in range(40)}, [], "class 'c00' keeps 1 of its 2 images"),
+])
+@pytest.mark.parametrize("stage", ["run", "extract"])
+def test_class_sizes_are_refused_before_any_extraction(tmp_path, tiny_model_path, capsys, monkeypatch, layout,
+                                                       options, named, stage):
+    from conftest import make_image
+
+    data = tmp_path / "photos"
+    for k, (name, n) in enumerate(layout.items()):
+        for i in range(n):
+            make_image(data / name / f"img_{i}.png", (k * 6 % 255, 40, 200), size=(8, 8), seed=i)
+    argv = [stage, "--data", str(data), "--backbone", f"file:{tiny_model_path}", "--preprocess", "scale",
+            "--quiet", *options]
+    if stage == "extract":  # extract warns (its features may serve other ends), first thing
+        from featurepipe import extract as extractmod
+
+        def extract_nothing(*args):
+            raise AssertionError("extraction started")
+
+        monkeypatch.setattr(extractmod, "_extract_all", extract_nothing)
+        with pytest.raises(AssertionError, match="extraction started"), pytest.warns(UserWarning) as warned:
+            extractmod.main(argv[1:])
+        err = str(warned[0].message)
+        assert named in err and ("--test-size" in err or "add images" in err), err
+        return
+    assert featurepipe_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and ("--test-size" in err or "add images" in err), err
+    assert not (tmp_path / "home" / "data" / "features").exists()  # nothing was extracted

@@ -71,4 +71,4 @@ def test_the_best_cv_row_wins_everywhere_although_another_row_has_the_best_test_
 
     latest_pointer().parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(latest_pointer(), {"data": "x", "files": [str(good_cv), str(good_test)]})
-    assert default_model().name == "goodcv__logreg.joblib"
+    assert default_model().name == "goodcv__logreg.skops"

@@ -64,8 +64,8 @@ def test_verify_refuses_random_weights(tmp_path):
     text = h5py.string_dtype()
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f["features"], f["labels"] = np.zeros((1, 4), np.float32), np.zeros(1, np.int32)
-        for name in ("paths", "split", "class_names"):
-            f.create_dataset(name, data=["a"], dtype=text)
+        for name, value in (("paths", "a"), ("split", "train"), ("class_names", "a")):
+            f.create_dataset(name, data=[value], dtype=text)
         f.attrs.update(backbone="squeezenet", preprocess="caffe", image_size=32, weights_sha256="")
     with pytest.raises(DataError, match="random weights"):
         verify(tmp_path / "x.h5")

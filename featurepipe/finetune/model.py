@@ -195,10 +195,15 @@ def set_trainable(model, n_top):
 
 
 def save_atomic(model, path):
+    """Save a Keras model under a temporary name, renamed into place; its sha256."""
+    import hashlib
+
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
     model.save(tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, path)
+    return digest
 
 
 def load_finetuned(model_path):

@@ -117,9 +117,10 @@ def finetune(data=None, backbone="mobilenet_v2", *, features=None, unfreeze=None
                            quiet, list(callbacks))
     score = _evaluate(model, images, rows, feats, batch_size)
     models_dir_for(feature_file, root=models_dir, claim=True)
-    save_atomic(model, keras_path)
+    sha256 = save_atomic(model, keras_path)
     meta = _metadata(feats, feature_file, fmodel, settings, rows, stage1, state, score, epochs,
                      unfreeze_label)
+    meta["model_sha256"] = sha256  # checked before an implicit load (featurepipe.modelfile)
     from ..store import write_json_atomic
 
     write_json_atomic(json_path, meta)
