@@ -37,6 +37,8 @@ MODEL_SUFFIX = ".skops"
 # classifiers of featurepipe.classifiers need; one place, extend it for a new estimator class.
 TRUSTED_TYPES = (
     "featurepipe.classifiers.RBFKernel",
+    "featurepipe.estimators.FaissKNN",
+    "featurepipe.estimators.ScaledNystroem",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.model_selection._split.StratifiedKFold",

@@ -48,7 +48,11 @@ def compared(tmp_path):
     return f, tmp_path / "home" / "models" / "synth"
 
 
-def test_every_registry_classifier_loads_with_the_trusted_types(tmp_path):
+@pytest.mark.parametrize("variant", ["small", "bounded"])
+def test_every_registry_classifier_loads_with_the_trusted_types(tmp_path, monkeypatch, variant):
+    if variant == "bounded":  # the variants built above the size thresholds (Nystroem, faiss IVF)
+        monkeypatch.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "10")
+        monkeypatch.setenv("FEATUREPIPE_EXACT_KNN_MAX_ROWS", "10")
     X, y, _, _ = separable(n_per_class=12)
     for name, spec in CLASSIFIERS.items():
         model = spec.make(n_samples=len(y), n_features=X.shape[1], seed=0)
