@@ -673,8 +673,10 @@ def build_parser():
 def print_classifiers(file=sys.stdout):
     for name, spec in CLASSIFIERS.items():
         default = "default" if name in DEFAULT_CLASSIFIERS else "--all"
+        bounded = (f"; bounded variant: grid {format_params(spec.bounded_grid)}, --all "
+                   f"{format_params(spec.bounded_full_grid or spec.bounded_grid)}" if spec.bounded_grid else "")
         print(f"{name:8} ({default}) {spec.description}; grid {format_params(spec.grid_for())}; "
-              f"--all/--full-grid {format_params(spec.grid_for(full=True))}", file=file)
+              f"--all/--full-grid {format_params(spec.grid_for(full=True))}{bounded}", file=file)
 
 
 def main(argv=None):
