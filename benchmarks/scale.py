@@ -268,7 +268,7 @@ def predict_setup(base, env, *, timeout):
             shutil.copyfile(src, target)
     feats = base / "predict-features"
     models = Path(env["FEATUREPIPE_MODELS"]) / feats.name  # the dataset is named after the features' folder
-    found = sorted(models.glob("*.joblib")) if models.exists() else []
+    found = sorted(models.glob("*.skops")) if models.exists() else []
     if found:
         return found[0]
     for cmd in (featurepipe("extract", "--data", labelled, "--backbone", "squeezenet", "--out", feats),
@@ -276,7 +276,7 @@ def predict_setup(base, env, *, timeout):
         result = run_stage(cmd, env=env, timeout=timeout, log=base / "predict-setup.log")
         if result["status"] != "ok":
             raise RuntimeError(f"predict setup failed: {' '.join(map(str, cmd))}: {result['last']}")
-    return sorted(models.glob("*.joblib"))[0]
+    return sorted(models.glob("*.skops"))[0]
 
 
 def stage_command(stage, files, home, *, n_rows, model=None):
