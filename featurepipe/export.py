@@ -5,7 +5,7 @@
 size (the largest input size of its backbones; the others are resized inside the graph) -> every
 backbone with its own preprocessing, pooling (and flip averaging) -> per-block L2 normalisation ->
 concatenation -> the scikit-learn model as graph ops (``featurepipe.heads``) -> class
-probabilities (or decision scores, named as such). ``FORMATS`` maps a format name to its writer
+probabilities (or decision scores, named as such). ``FORMATS`` (``featurepipe.export_formats``) maps a format name to its writer
 and its runtime; a new format is one entry. The file is written with ``labels.txt`` and
 ``manifest.json`` beside it (classes, input size and resize, backbones with weights sha256, head,
 outputs, versions, parity). A ``.tflite`` also gets TFLite metadata (labels, input normalization)
@@ -17,18 +17,17 @@ again on an exported file. See docs/export.md.
 """
 
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .cli import OneLineParser
 from .errors import ImageError, UsageError
+from .export_formats import FORMATS
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
@@ -101,101 +100,6 @@ def build_graph(feature_models, head, *, size, output):
     return keras.Model(pixels, out, name="featurepipe_classifier")
 
 
-# --------------------------------------------------------------------------- formats
-
-
-def _write_tflite(model, path, *, quantize=None, representative=None):
-    """The ``.tflite`` of ``model``: float32, or ``float16`` / ``int8`` weights (int8: activations
-    calibrated on ``representative`` uint8 batches, float kernels where an op has no int8 one)."""
-    from .backbones import import_tensorflow
-    from .engines import convert_to_tflite
-    from .engines.base import _write_atomic
-
-    if quantize is None:
-        content = convert_to_tflite(model)
-    else:
-        import_tensorflow()
-        import tensorflow as tf
-
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        else:
-            converter.representative_dataset = lambda: ([batch[None]] for batch in representative)
-        content = converter.convert()
-    _write_atomic(path, content)
-
-
-def _run_tflite(path):
-    """A function uint8 (n, S, S, 3) -> float32 (n, C) on the LiteRT interpreter."""
-    from .engines.litert import _drop_native_info, _litert_interpreter
-
-    it = _litert_interpreter()(model_path=str(path), num_threads=os.cpu_count() or 1)
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]], strict=True)
-    with _drop_native_info():
-        it.allocate_tensors()
-
-    def run(batch):
-        rows = []
-        for image in batch:
-            it.set_tensor(inp["index"], np.ascontiguousarray(image[None], dtype=inp["dtype"]))
-            it.invoke()
-            rows.append(it.get_tensor(out["index"])[0].astype(np.float32))
-        return np.stack(rows)
-
-    return run
-
-
-def _write_savedmodel(model, path, *, quantize=None, representative=None):
-    import contextlib
-    import io
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def _run_savedmodel(path):
-    from .backbones import import_tensorflow
-
-    import_tensorflow()
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
-    return lambda batch: np.asarray(loaded.serve(tf.constant(batch, tf.uint8)), dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """One file format: how to write a Keras classifier to it and how to run the file.
-
-    ``write(model, path, quantize=, representative=)``; ``runner(path) -> fn`` with ``fn(uint8
-    (n, S, S, 3)) -> float32 (n, C)`` on the format's own runtime (``runtime`` names it).
-    """
-
-    name: str
-    suffix: str
-    write: Callable
-    runner: Callable
-    runtime: str
-    quantize: tuple = ()
-    metadata: bool = False
-
-
-FORMATS = {
-    "tflite": ExportFormat("tflite", ".tflite", _write_tflite, _run_tflite, "LiteRT interpreter (ai-edge-litert)",
-                           quantize=("float16", "int8"), metadata=True),
-    "savedmodel": ExportFormat("savedmodel", "", _write_savedmodel, _run_savedmodel,
-                               "TensorFlow (tf.saved_model.load)"),
-}
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -264,7 +168,8 @@ def export(model=None, *, fmt="tflite", out=None, quantize=None, limit=None, eng
     result = check(path, limit=limit, engine=engine, quiet=quiet, source=source)
     if quantize and not result.manifest["parity"].get("accuracy_ok", True):
         loss = result.manifest["parity"]["accuracy_change"]
-        _remove(path)
+        for written in (path, manifest_path, folder / LABELS):
+            _remove(written)
         raise UsageError(f"--quantize {quantize} loses {-100 * loss:.1f} points of test accuracy "
                          f"(more than {100 * MAX_ACCURACY_LOSS:.0f}); export without --quantize "
                          f"or with --quantize float16")
