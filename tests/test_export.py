@@ -61,7 +61,15 @@ def world(tmp_path_factory):
                 models[clf] = Path(fit(files, clf, cv=3, n_jobs=1).model)
         return models[clf]
 
-    return {"data": data, "root": root, "model": model}
+    exports = {}
+
+    def exported(clf):
+        """The TFLite export of ``clf``'s model with the default options (made once)."""
+        if clf not in exports:
+            exports[clf] = export(model(clf), out=root / f"out-{clf}", quiet=True)
+        return exports[clf]
+
+    return {"data": data, "root": root, "model": model, "exported": exported}
 
 
 # --------------------------------------------------------------------------- heads alone
@@ -100,7 +108,7 @@ def test_a_head_without_a_graph_is_refused_naming_the_formats(world, capsys):
 
 @pytest.mark.parametrize("clf", HEADS)
 def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
-    result = export(world["model"](clf), out=world["root"] / f"out-{clf}", quiet=True)
+    result = world["exported"](clf)
     parity = result.manifest["parity"]
     assert result.path.suffix == ".tflite" and result.path.is_file()
     assert parity["images"] == 9 and parity["unreadable"] == 0
@@ -115,8 +123,7 @@ def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
 
 
 def test_the_manifest_describes_input_backbones_head_and_versions(world):
-    result = export(world["model"]("logreg"), out=world["root"] / "out-manifest", quiet=True)
-    m = result.manifest
+    m = world["exported"]("logreg").manifest
     assert m["input"]["size"] == 40 and m["input"]["dtype"] == "uint8" and m["input"]["resize"] == "stretch"
     assert list(m["input"]["resize_inside"].values()) == [32]
     assert [b["image_size"] for b in m["backbones"]] == [32, 40]
@@ -133,15 +140,19 @@ def test_savedmodel_export_passes_the_same_check(world):
 
 
 def test_check_runs_again_and_catches_a_file_that_is_not_the_model(world, tmp_path):
-    good = export(world["model"]("mlp"), out=world["root"] / "out-check", quiet=True)
-    assert run_main(main, ["--check", str(good.path), "--quiet"]) == 0
+    import shutil
+
+    good = world["exported"]("mlp")
+    copy = tmp_path / "copy"
+    shutil.copytree(good.path.parent, copy)
+    checked = copy / good.path.name
+    assert run_main(main, ["--check", str(checked), "--quiet"]) == 0
     # Another model's file under this name: the check sees the probabilities differ.
-    other = export(world["model"]("nb"), out=world["root"] / "out-check-nb", quiet=True)
-    good.path.write_bytes(other.path.read_bytes())
-    redone = check(good.path, quiet=True)
+    checked.write_bytes(world["exported"]("nb").path.read_bytes())
+    redone = check(checked, quiet=True)
     assert not redone.passed
     assert redone.manifest["parity"]["a_same_pixels"]["max_abs_diff"] > 1e-4
-    assert run_main(main, ["--check", str(good.path), "--quiet"]) == 1
+    assert run_main(main, ["--check", str(checked), "--quiet"]) == 1
 
 
 def test_wrong_arguments_are_one_line(world, capsys):
@@ -183,7 +194,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_the_example_labels_images_without_tensorflow_or_featurepipe(world, tmp_path):
     from featurepipe.predict import predict
 
-    result = export(world["model"]("svm-rbf"), out=world["root"] / "out-example", quiet=True)
+    result = world["exported"]("svm-rbf")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out_csv = tmp_path / "labels.csv"
     done = subprocess.run([sys.executable, "-c", BLOCKER, str(ROOT / "examples" / "classify_tflite.py"),
