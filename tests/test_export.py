@@ -165,6 +165,10 @@ def test_wrong_arguments_are_one_line(world, capsys):
     assert "inside the image folder" in capsys.readouterr().err
     assert not (world["data"] / "red" / "x").exists()
     assert run_main(main, ["--check", str(world["root"] / "nothing.tflite")]) == 2
+    a_file = world["root"] / "a-file"
+    a_file.write_text("x")
+    assert run_main(main, ["--model", model, "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_float16_export_reports_its_accuracy_change(world):
