@@ -16,6 +16,7 @@ STAGES = {
     "fit": ("featurepipe.fit", "grid-search one classifier on feature files"),
     "compare": ("featurepipe.compare", "classifiers x feature sets -> results table ranked by CV"),
     "predict": ("featurepipe.predict", "label image files with a saved model"),
+    "export": ("featurepipe.export", "a saved model as one TFLite/SavedModel file: pixels in, classes out"),
     "verify": ("featurepipe.verify", "re-extract rows of a feature file and compare"),
     "audit": ("featurepipe.audit", "near-duplicates, leaks, label suspects, learning curve"),
     "report": ("featurepipe.report", "one self-contained HTML page of results and audit"),
