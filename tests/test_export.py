@@ -22,6 +22,8 @@ from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ["logreg", "svm", "svm-rbf", "mlp", "nb", "knn"]
+# svm-rbf above FEATUREPIPE_EXACT_RBF_MAX_ROWS training rows: ScaledNystroem + RidgeClassifier, calibrated
+NYSTROEM = "svm-rbf-nystroem"
 
 
 def _tiny_backbone(path, size, seed):
@@ -58,7 +60,10 @@ def world(tmp_path_factory):
             with pytest.MonkeyPatch.context() as mp:
                 for k, v in env.items():
                     mp.setenv(k, v)
-                models[clf] = Path(fit(files, clf, cv=3, n_jobs=1).model)
+                if clf == NYSTROEM:  # its own models folder: the file name is the exact svm-rbf's
+                    mp.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "5")
+                    mp.setenv("FEATUREPIPE_MODELS", str(root / "models-nystroem"))
+                models[clf] = Path(fit(files, "svm-rbf" if clf == NYSTROEM else clf, cv=3, n_jobs=1).model)
         return models[clf]
 
     exports = {}
@@ -75,24 +80,56 @@ def world(tmp_path_factory):
 # --------------------------------------------------------------------------- heads alone
 
 
-@pytest.mark.parametrize("n_classes", [2, 4])
-@pytest.mark.parametrize("clf", HEADS)
-def test_every_head_as_graph_ops_equals_scikit_learn(clf, n_classes):
+def _fitted(clf, n_classes, monkeypatch, *, n=90):
+    """``clf`` from the registry fitted as fit does (calibrated when it has no predict_proba) on
+    tiny learnable data; the held-out rows (25, 12)."""
     from featurepipe.classifiers import CLASSIFIERS, calibrated, needs_calibration
 
+    if clf == NYSTROEM:
+        monkeypatch.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "10")
     rng = np.random.default_rng(n_classes)
-    X = rng.normal(size=(90, 12)).astype(np.float32)
-    y = np.arange(90) % n_classes
-    X[np.arange(90), y] += 2.0  # learnable
+    X = rng.normal(size=(n, 12)).astype(np.float32)
+    y = np.arange(n) % n_classes
+    X[np.arange(n), y] += 2.0  # learnable
     test = rng.normal(size=(25, 12)).astype(np.float32)
-    model = CLASSIFIERS[clf].make(n_samples=90, n_features=12)
+    model = CLASSIFIERS["svm-rbf" if clf == NYSTROEM else clf].make(n_samples=n, n_features=12)
     model = calibrated(model, cv=3) if needs_calibration(model) else model
-    model.fit(X, y)
+    return model.fit(X, y), test
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("clf", HEADS + [NYSTROEM])
+def test_every_head_as_graph_ops_equals_scikit_learn(clf, n_classes, monkeypatch):
+    model, test = _fitted(clf, n_classes, monkeypatch)
     fn, output = head_function(model)
     got = np.asarray(fn(test))
     assert output == "probabilities"
     assert got.shape == (25, n_classes)
     np.testing.assert_allclose(got, model.predict_proba(test), atol=1e-5)
+
+
+def test_the_size_aware_estimators_are_the_ones_exported(monkeypatch):
+    """The heads above are the merged registry's: Nystroem + ridge (calibrated) and faiss kNN."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from featurepipe.estimators import FaissKNN, ScaledNystroem
+
+    nystroem, _ = _fitted(NYSTROEM, 4, monkeypatch)
+    pipeline = nystroem.calibrated_classifiers_[0].estimator
+    assert isinstance(pipeline.named_steps["kernel"], ScaledNystroem)
+    assert isinstance(pipeline.named_steps["clf"], RidgeClassifier)
+    knn, _ = _fitted("knn", 4, monkeypatch)
+    assert isinstance(knn.named_steps["clf"], FaissKNN)
+
+
+def test_an_ivf_faiss_knn_is_refused_naming_why():
+    from featurepipe.estimators import FaissKNN
+    from featurepipe.heads import NotExportable
+
+    rng = np.random.default_rng(0)
+    knn = FaissKNN(n_neighbors=3, exact_max_rows=10).fit(rng.normal(size=(400, 8)), np.arange(400) % 2)
+    with pytest.raises(NotExportable, match="FaissKNN over a IndexIVFFlat of 400 rows .*approximate"):
+        head_function(knn)
 
 
 def test_a_head_without_a_graph_is_refused_naming_the_formats(world, capsys):
@@ -106,7 +143,7 @@ def test_a_head_without_a_graph_is_refused_naming_the_formats(world, capsys):
 # --------------------------------------------------------------------------- exported files
 
 
-@pytest.mark.parametrize("clf", HEADS)
+@pytest.mark.parametrize("clf", HEADS + [NYSTROEM])
 def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
     result = world["exported"](clf)
     parity = result.manifest["parity"]
