@@ -47,7 +47,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_dataset(root / "colors", n_per_class=10)
     nets = [_tiny_backbone(root / "net32.keras", 32, 1), _tiny_backbone(root / "net40.keras", 40, 2)]
-    env = {"FEATUREPIPE_DATA": str(root / "data"), "FEATUREPIPE_MODELS": str(root / "models")}
+    # its own cache too: a module fixture is made before conftest's per-test FEATUREPIPE_CACHE
+    env = {"FEATUREPIPE_DATA": str(root / "data"), "FEATUREPIPE_MODELS": str(root / "models"),
+           "FEATUREPIPE_CACHE": str(root / "cache")}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -74,7 +76,7 @@ def world(tmp_path_factory):
             exports[clf] = export(model(clf), out=root / f"out-{clf}", quiet=True)
         return exports[clf]
 
-    return {"data": data, "root": root, "model": model, "exported": exported}
+    return {"data": data, "root": root, "model": model, "exported": exported, "files": files, "env": env}
 
 
 # --------------------------------------------------------------------------- heads alone
@@ -190,6 +192,40 @@ def test_check_runs_again_and_catches_a_file_that_is_not_the_model(world, tmp_pa
     assert not redone.passed
     assert redone.manifest["parity"]["a_same_pixels"]["max_abs_diff"] > 1e-4
     assert run_main(main, ["--check", str(checked), "--quiet"]) == 1
+
+
+def test_the_default_model_is_the_best_row_loaded_only_when_its_sha256_matches(world, monkeypatch, tmp_path, capsys):
+    from featurepipe.fit import fit
+    from featurepipe.modelfile import ModelRefused
+
+    for k, v in {**world["env"], "FEATUREPIPE_MODELS": str(tmp_path / "models")}.items():
+        monkeypatch.setenv(k, v)
+    best = Path(fit(world["files"], "logreg", cv=3, n_jobs=1).model)  # the only row: the best by CV
+    result = export(out=tmp_path / "out", limit=3, quiet=True)
+    assert result.manifest["source_model"]["path"] == str(best.resolve()) and best.suffix == ".skops"
+    assert result.passed
+    best.write_bytes(best.read_bytes() + b" ")  # replaced after fit: neither export nor --check reads it
+    with pytest.raises(ModelRefused, match="sha256"):
+        export(out=tmp_path / "again", quiet=True)
+    assert run_main(main, ["--out", str(tmp_path / "again")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert run_main(main, ["--check", str(result.path), "--quiet"]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_an_older_joblib_is_exported_as_the_users_choice(world, tmp_path, capsys):
+    import joblib
+
+    from featurepipe.modelfile import load_user
+
+    old = tmp_path / "old__logreg.joblib"
+    joblib.dump(load_user(world["model"]("logreg")), old)
+    result = export(old, out=tmp_path / "out", limit=3, quiet=True)
+    assert result.passed and result.manifest["source_model"]["path"] == str(old.resolve())
+    # --check never unpickles what a manifest names: the user names the file again
+    assert run_main(main, ["--check", str(result.path), "--quiet"]) == 2
+    assert "pass it with --model" in capsys.readouterr().err
+    assert run_main(main, ["--check", str(result.path), "--model", str(old), "--quiet"]) == 0
 
 
 def test_wrong_arguments_are_one_line(world, capsys):
