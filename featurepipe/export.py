@@ -4,7 +4,8 @@
 model loader: without ``model``, the best row by CV through the checked implicit path,
 ``predict.load_default_model``; a ``model`` the user names is the user's choice, ``.skops`` or an
 older ``.joblib``) and builds ONE graph (``build_graph``): uint8 RGB pixels at the model's input
-size (the largest input size of its backbones; the others are resized inside the graph) -> every
+size (``input_size``: its backbones' one size, or three times the largest when they differ, each
+resized inside the graph) -> every
 backbone with its own preprocessing, pooling (and flip averaging) -> per-block L2 normalisation ->
 concatenation -> the scikit-learn model as graph ops (``featurepipe.heads``) -> class
 probabilities (or decision scores, named as such). ``FORMATS`` (``featurepipe.export_formats``) maps a format name to its writer
@@ -34,6 +35,17 @@ from .parity import MAX_ACCURACY_LOSS, parity, summary
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 MANIFEST_FORMAT = "featurepipe-export/1"
+# Backbones of different input sizes share one input this many times the largest, resized inside
+# the graph: agrees with predict's own per-backbone reads more often than the largest size itself
+# (docs/export.md, "One input for backbones of different sizes").
+SHARED_INPUT_SCALE = 3
+
+
+def input_size(sizes):
+    """The exported input side S for backbones of input sizes ``sizes``: their one size, or
+    ``SHARED_INPUT_SCALE`` x the largest when they differ."""
+    sizes = set(int(s) for s in sizes)
+    return sizes.pop() if len(sizes) == 1 else SHARED_INPUT_SCALE * max(sizes)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -73,7 +85,7 @@ def build_graph(feature_models, head, *, size, output):
     head : callable
         float32 (n, D) joined features -> (n, C) (``featurepipe.heads.head_function``).
     size : int
-        The input side S (the largest of the backbones').
+        The input side S (``input_size`` of the backbones').
     output : str
         ``probabilities`` or ``scores``: the output layer's name.
 
@@ -215,7 +227,7 @@ class _Source:
         self.estimator = loaded.estimator
         self.clf = str(self.bundle.get("clf", type(self.estimator).__name__))
         self.settings = [ExtractionSettings.from_attrs(b["attrs"]) for b in self.bundle["blocks"]]
-        self.size = max(s.image_size for s in self.settings)
+        self.size = input_size(s.image_size for s in self.settings)
         self.labels = [self.bundle["class_names"][int(c)] for c in self.estimator.classes_]
         reads = {(s.resize, s.decode) for s in self.settings}
         if len(reads) > 1:

@@ -163,8 +163,9 @@ def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
 
 def test_the_manifest_describes_input_backbones_head_and_versions(world):
     m = world["exported"]("logreg").manifest
-    assert m["input"]["size"] == 40 and m["input"]["dtype"] == "uint8" and m["input"]["resize"] == "stretch"
-    assert list(m["input"]["resize_inside"].values()) == [32]
+    # two input sizes: the shared input is three times the largest, both resized inside the graph
+    assert m["input"]["size"] == 120 and m["input"]["dtype"] == "uint8" and m["input"]["resize"] == "stretch"
+    assert sorted(m["input"]["resize_inside"].values()) == [32, 40]
     assert [b["image_size"] for b in m["backbones"]] == [32, 40]
     assert all(len(b["weights_sha256"]) == 64 and b["preprocess"] == "scale" for b in m["backbones"])
     assert m["head"]["clf"] == "logreg" and "LogisticRegression" in m["head"]["estimator"]
@@ -334,6 +335,13 @@ def test_mediapipe_image_classifier_loads_the_file_with_its_class_names(world, m
     ours = {p.path: p.label for p in predict(result.manifest["source_model"]["path"], images)}
     assert len(theirs) == 30
     assert sum(theirs[p] == ours[p] for p in ours) / len(ours) >= 0.95
+
+
+def test_the_input_is_the_one_size_or_three_times_the_largest():
+    from featurepipe.export import input_size
+
+    assert input_size([224]) == input_size([224, 224]) == 224
+    assert input_size([227, 224, 260]) == 780
 
 
 def test_every_format_has_a_writer_and_a_runtime():
