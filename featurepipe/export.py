@@ -1,8 +1,11 @@
 """Export a saved model as one file that goes from pixels to classes without featurepipe.
 
-``export(model, fmt=..., out=...)`` loads a ``.joblib`` through ``featurepipe.predict.load_model``
-(the one model loader) and builds ONE graph (``build_graph``): uint8 RGB pixels at the model's input
-size (the largest input size of its backbones; the others are resized inside the graph) -> every
+``export(model, fmt=..., out=...)`` loads a ``.skops`` through ``featurepipe.predict`` (the one
+model loader: without ``model``, the best row by CV through the checked implicit path,
+``predict.load_default_model``; a ``model`` the user names is the user's choice, ``.skops`` or an
+older ``.joblib``) and builds ONE graph (``build_graph``): uint8 RGB pixels at the model's input
+size (``input_size``: its backbones' one size, or three times the largest when they differ, each
+resized inside the graph) -> every
 backbone with its own preprocessing, pooling (and flip averaging) -> per-block L2 normalisation ->
 concatenation -> the scikit-learn model as graph ops (``featurepipe.heads``) -> class
 probabilities (or decision scores, named as such). ``FORMATS`` (``featurepipe.export_formats``) maps a format name to its writer
@@ -32,6 +35,17 @@ from .parity import MAX_ACCURACY_LOSS, parity, summary
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 MANIFEST_FORMAT = "featurepipe-export/1"
+# Backbones of different input sizes share one input this many times the largest, resized inside
+# the graph: agrees with predict's own per-backbone reads more often than the largest size itself
+# (docs/export.md, "One input for backbones of different sizes").
+SHARED_INPUT_SCALE = 3
+
+
+def input_size(sizes):
+    """The exported input side S for backbones of input sizes ``sizes``: their one size, or
+    ``SHARED_INPUT_SCALE`` x the largest when they differ."""
+    sizes = set(int(s) for s in sizes)
+    return sizes.pop() if len(sizes) == 1 else SHARED_INPUT_SCALE * max(sizes)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -71,7 +85,7 @@ def build_graph(feature_models, head, *, size, output):
     head : callable
         float32 (n, D) joined features -> (n, C) (``featurepipe.heads.head_function``).
     size : int
-        The input side S (the largest of the backbones').
+        The input side S (``input_size`` of the backbones').
     output : str
         ``probabilities`` or ``scores``: the output layer's name.
 
@@ -118,7 +132,8 @@ def export(model=None, *, fmt="tflite", out=None, quantize=None, limit=None, eng
     Parameters
     ----------
     model : str or Path, optional
-        A ``.joblib`` saved by fit / compare; default: the best row by CV (as predict chooses).
+        A ``.skops`` saved by fit / compare (or an older ``.joblib``: the user's choice); default:
+        the best row by CV (as predict chooses), its path and sha256 checked before it is loaded.
     fmt : str
         A key of ``FORMATS``.
     out : str or Path, optional
@@ -134,15 +149,13 @@ def export(model=None, *, fmt="tflite", out=None, quantize=None, limit=None, eng
     -------
     ExportResult
     """
-    from .predict import default_model
-
     form = _format(fmt)
     if quantize is not None and quantize not in form.quantize:
         raise UsageError(f"--quantize {quantize}: the {fmt} format takes "
                          f"{', '.join(form.quantize) or 'no quantization'}; use --format tflite "
                          f"--quantize float16 or int8, or leave --quantize out")
-    model_path = Path(model) if model is not None else default_model()
-    source = _Source.load(model_path, engine=engine)
+    source = _Source.load(model, engine=engine) if model is not None else _Source.default(engine=engine)
+    model_path = source.path
     head, output = source.head()
     folder = Path(out) if out is not None else model_path.parent / "export" / f"{model_path.stem}-{fmt}"
     if folder.exists() and not folder.is_dir():
@@ -214,7 +227,7 @@ class _Source:
         self.estimator = loaded.estimator
         self.clf = str(self.bundle.get("clf", type(self.estimator).__name__))
         self.settings = [ExtractionSettings.from_attrs(b["attrs"]) for b in self.bundle["blocks"]]
-        self.size = max(s.image_size for s in self.settings)
+        self.size = input_size(s.image_size for s in self.settings)
         self.labels = [self.bundle["class_names"][int(c)] for c in self.estimator.classes_]
         reads = {(s.resize, s.decode) for s in self.settings}
         if len(reads) > 1:
@@ -225,12 +238,26 @@ class _Source:
         self._models = None
 
     @classmethod
-    def load(cls, model_path, *, engine="auto"):
+    def load(cls, model_path, *, engine="auto", written_in=None, sha256=None):
+        """A model file: the user's choice, or (``written_in`` and ``sha256``) one featurepipe wrote,
+        checked before it is read (``featurepipe.predict.load_model``)."""
         from .predict import load_model
 
-        loaded = load_model(model_path, engine=engine)
+        loaded = load_model(model_path, engine=engine, written_in=written_in, sha256=sha256)
+        return cls._of(model_path, loaded, engine)
+
+    @classmethod
+    def default(cls, *, engine="auto"):
+        """The best row by CV of the latest run, loaded through predict's checked implicit path."""
+        from .predict import load_default_model
+
+        model_path, loaded = load_default_model(engine=engine)
+        return cls._of(model_path, loaded, engine)
+
+    @classmethod
+    def _of(cls, model_path, loaded, engine):
         if not hasattr(loaded, "bundle"):
-            raise UsageError(f"--model {model_path}: only a .joblib from featurepipe fit/compare is exported "
+            raise UsageError(f"--model {model_path}: only a .skops from featurepipe fit/compare is exported "
                              "(a fine-tuned .keras is already one Keras file)")
         return cls(model_path, loaded, engine)
 
@@ -335,8 +362,11 @@ def _describe(estimator):
 # --------------------------------------------------------------------------- parity
 
 
-def check(path, *, limit=None, engine="auto", quiet=False, source=None):
+def check(path, *, model=None, limit=None, engine="auto", quiet=False, source=None):
     """Run the parity check of an exported file against the model it came from; update its manifest.
+
+    The model is the ``.skops`` the manifest names, loaded only when its sha256 is the one recorded
+    at export (an implicit load: ``_manifest_source``), or ``model``, a file the user names.
 
     (a) Both sides fed the same decoded pixels at the exported input size (featurepipe: each
     backbone's pixels resized as the graph resizes them, its own feature models and estimator):
@@ -358,7 +388,7 @@ def check(path, *, limit=None, engine="auto", quiet=False, source=None):
         raise UsageError(f"--check {path}: {manifest_path} is not the manifest of this file")
     form = _format(manifest["file_format"])
     if source is None:
-        source = _Source.load(manifest["source_model"]["path"], engine=engine)
+        source = _Source.load(model, engine=engine) if model is not None else _manifest_source(manifest, engine)
     paths, truth = source.split_rows(("test",))
     if limit is not None:
         paths, truth = paths[:limit], truth[:limit]
@@ -375,6 +405,18 @@ def check(path, *, limit=None, engine="auto", quiet=False, source=None):
     return ExportResult(path, manifest_path, manifest)
 
 
+def _manifest_source(manifest, engine):
+    """The model a manifest names, through the checked path: a ``.skops`` whose sha256 is the recorded one."""
+    from .modelfile import MODEL_SUFFIX
+
+    recorded = manifest.get("source_model") or {}
+    path = Path(str(recorded.get("path", "")))
+    if path.suffix.lower() != MODEL_SUFFIX:
+        raise UsageError(f"--check: the manifest names '{path}', not a {MODEL_SUFFIX} file featurepipe checks "
+                         "before loading; if you trust that file, pass it with --model")
+    return _Source.load(path, engine=engine, written_in=path.parent, sha256=str(recorded.get("sha256", "")))
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -383,14 +425,16 @@ def build_parser():
                       description="Export a saved model as one file (pixels in, classes out) that runs without "
                                   "featurepipe, with labels and manifest.json beside it, and check it against "
                                   "featurepipe predict on the test images.")
-    p.add_argument("--model", help="a .joblib saved by fit/compare (default: the best row by CV of the latest "
-                                   "run's results table)")
+    p.add_argument("--model", help="a .skops saved by fit/compare (or an older .joblib: a pickle, which runs "
+                                   "any code it holds, so name only files you trust); default: the best row "
+                                   "by CV of the latest run's results table, checked by sha256")
     p.add_argument("--format", dest="fmt", default="tflite",
                    help=f"file format: {', '.join(FORMATS)} (default tflite)")
     p.add_argument("--out", help="output folder (default <model's folder>/export/<model>-<format>)")
     p.add_argument("--quantize", choices=("float16", "int8"),
                    help="smaller TFLite weights; refused when test accuracy drops by more than 1 point")
-    p.add_argument("--check", metavar="FILE", help="only run the parity check of an exported file again")
+    p.add_argument("--check", metavar="FILE", help="only run the parity check of an exported file again (against "
+                                                   "the .skops its manifest names, sha256 checked, or --model)")
     p.add_argument("--limit", type=int, help="check at most this many test images (default: all)")
     p.add_argument("--engine", default="auto", help="featurepipe's engine in the check (auto, tf, litert)")
     p.add_argument("--quiet", action="store_true")
@@ -404,7 +448,7 @@ def main(argv=None):
     if args.check:
         if not Path(args.check).exists():
             raise UsageError(f"--check {args.check}: no such file")
-        result = check(args.check, limit=args.limit, engine=args.engine, quiet=args.quiet)
+        result = check(args.check, model=args.model, limit=args.limit, engine=args.engine, quiet=args.quiet)
     else:
         result = export(args.model, fmt=args.fmt, out=args.out, quantize=args.quantize, limit=args.limit,
                         engine=args.engine, quiet=args.quiet)

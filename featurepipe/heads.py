@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.kernel_approximation import Nystroem
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.naive_bayes import GaussianNB
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .classifiers import RBFKernel
+from .estimators import FaissKNN, ScaledNystroem
 
 
 class NotExportable(Exception):
@@ -113,6 +114,11 @@ def _nystroem(est, ctx):
     return lambda x: ops.matmul(ops.exp(ops.multiply(-gamma, _sq_dist(x, rows))), norm)
 
 
+def _scaled_nystroem(est, ctx):
+    """featurepipe's ScaledNystroem: its fitted Nystroem (``nystroem_``), float32 in and out."""
+    return _nystroem(est.nystroem_, ctx)
+
+
 # --------------------------------------------------------------------------- heads
 
 
@@ -123,9 +129,11 @@ def _binary_to_two(p):
 
 
 def _linear_decision(est, ctx):
-    """``X @ coef_.T + intercept_``: (n, C), or (n,) for two classes (sklearn's shape)."""
+    """``X @ coef_.T + intercept_``: (n, C), or (n,) for two classes (sklearn's shape; a binary
+    RidgeClassifier's ``coef_`` is (d,), the others' (1, d))."""
     ops = _ops()
-    coef, intercept = _f32(est.coef_.T), _f32(np.ravel(est.intercept_) * np.ones(est.coef_.shape[0]))
+    weights = np.atleast_2d(est.coef_)
+    coef, intercept = _f32(weights.T), _f32(np.ravel(est.intercept_) * np.ones(weights.shape[0]))
     if coef.shape[1] == 1:
         return lambda x: ops.add(ops.matmul(x, coef)[:, 0], intercept[0])
     return lambda x: ops.add(ops.matmul(x, coef), intercept)
@@ -240,17 +248,48 @@ def _knn_proba(est, ctx):
 
     def fn(x):
         neg, idx = ops.top_k(ops.negative(distances(x)), k=k)
-        dist = ops.negative(neg)
-        if est.weights == "uniform":
-            w = ops.ones_like(dist)
-        else:
-            zero = ops.cast(ops.less_equal(dist, 0.0), "float32")
-            any_zero = ops.max(zero, axis=1, keepdims=True)
-            w = ops.add(ops.multiply(any_zero, zero),
-                        ops.multiply(ops.subtract(1.0, any_zero), ops.divide(1.0, ops.maximum(dist, 1e-30))))
-        votes = ops.sum(ops.multiply(ops.take(onehot, idx, axis=0), ops.expand_dims(w, 2)), axis=1)
-        total = ops.sum(votes, axis=1, keepdims=True)
-        return ops.divide(votes, ops.where(ops.equal(total, 0.0), 1.0, total))
+        return _neighbour_vote(ops.negative(neg), idx, onehot, est.weights)
+
+    return fn
+
+
+def _neighbour_vote(dist, idx, onehot, weights):
+    """Class probabilities (n, C) from the k nearest rows' distances and indices (n, k):
+    ``uniform`` or ``distance`` (1 / distance; only the exact matches when a row has any), as
+    scikit-learn's KNeighborsClassifier weighs them; ``onehot`` (m, C) holds the stored labels."""
+    ops = _ops()
+    if weights == "uniform":
+        w = ops.ones_like(dist)
+    else:
+        zero = ops.cast(ops.less_equal(dist, 0.0), "float32")
+        any_zero = ops.max(zero, axis=1, keepdims=True)
+        w = ops.add(ops.multiply(any_zero, zero),
+                    ops.multiply(ops.subtract(1.0, any_zero), ops.divide(1.0, ops.maximum(dist, 1e-30))))
+    votes = ops.sum(ops.multiply(ops.take(onehot, idx, axis=0), ops.expand_dims(w, 2)), axis=1)
+    total = ops.sum(votes, axis=1, keepdims=True)
+    return ops.divide(votes, ops.where(ops.equal(total, 0.0), 1.0, total))
+
+
+def _faiss_knn_proba(est, ctx):
+    """featurepipe's FaissKNN: cosine similarity against the unit rows stored in its exact
+    (``IndexFlatIP``) index, distance ``1 - similarity``, weighted as ``FaissKNN.predict_proba``."""
+    import faiss
+
+    ops = _ops()
+    index = faiss.downcast_index(est.index_)
+    if not isinstance(index, faiss.IndexFlat):
+        raise NotExportable(f"FaissKNN over a {type(index).__name__} of {index.ntotal:,} rows (an approximate "
+                            "search the graph cannot reproduce; only the exact IndexFlatIP is exported)")
+    if est.weights not in ("uniform", "distance"):
+        raise NotExportable(f"FaissKNN(weights={est.weights!r}) (uniform or distance weights are exported)")
+    unit_t = _f32(index.reconstruct_n(0, index.ntotal).T)  # (d, m): the unit training rows
+    k = min(int(est.n_neighbors), index.ntotal)
+    onehot = _f32(np.eye(len(est.classes_))[np.asarray(est.y_).ravel()])  # (m, C)
+
+    def fn(x):
+        xn = ops.divide(x, ops.maximum(ops.norm(x, axis=1, keepdims=True), 1e-12))
+        sims, idx = ops.top_k(ops.matmul(xn, unit_t), k=k)
+        return _neighbour_vote(ops.maximum(ops.subtract(1.0, sims), 0.0), idx, onehot, est.weights)
 
     return fn
 
@@ -314,12 +353,15 @@ def _calibrated(est, response, ctx):
 HEADS = {
     LogisticRegression: HeadKind(proba=_logreg_proba, decision=_linear_decision),
     LinearSVC: HeadKind(decision=_linear_decision),
+    RidgeClassifier: HeadKind(decision=_linear_decision),
     SVC: HeadKind(decision=_svc_decision),
     MLPClassifier: HeadKind(proba=_mlp_proba),
     GaussianNB: HeadKind(proba=_nb_proba),
     KNeighborsClassifier: HeadKind(proba=_knn_proba),
+    FaissKNN: HeadKind(proba=_faiss_knn_proba),
 }
-TRANSFORMS = {StandardScaler: _standard_scaler, PCA: _pca, RBFKernel: _rbf_kernel, Nystroem: _nystroem}
+TRANSFORMS = {StandardScaler: _standard_scaler, PCA: _pca, RBFKernel: _rbf_kernel, Nystroem: _nystroem,
+              ScaledNystroem: _scaled_nystroem}
 WRAPPERS = {Pipeline: _pipeline, CalibratedClassifierCV: _calibrated}
 
 

@@ -22,6 +22,8 @@ from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ["logreg", "svm", "svm-rbf", "mlp", "nb", "knn"]
+# svm-rbf above FEATUREPIPE_EXACT_RBF_MAX_ROWS training rows: ScaledNystroem + RidgeClassifier, calibrated
+NYSTROEM = "svm-rbf-nystroem"
 
 
 def _tiny_backbone(path, size, seed):
@@ -45,7 +47,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_dataset(root / "colors", n_per_class=10)
     nets = [_tiny_backbone(root / "net32.keras", 32, 1), _tiny_backbone(root / "net40.keras", 40, 2)]
-    env = {"FEATUREPIPE_DATA": str(root / "data"), "FEATUREPIPE_MODELS": str(root / "models")}
+    # its own cache too: a module fixture is made before conftest's per-test FEATUREPIPE_CACHE
+    env = {"FEATUREPIPE_DATA": str(root / "data"), "FEATUREPIPE_MODELS": str(root / "models"),
+           "FEATUREPIPE_CACHE": str(root / "cache")}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -58,7 +62,10 @@ def world(tmp_path_factory):
             with pytest.MonkeyPatch.context() as mp:
                 for k, v in env.items():
                     mp.setenv(k, v)
-                models[clf] = Path(fit(files, clf, cv=3, n_jobs=1).model)
+                if clf == NYSTROEM:  # its own models folder: the file name is the exact svm-rbf's
+                    mp.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "5")
+                    mp.setenv("FEATUREPIPE_MODELS", str(root / "models-nystroem"))
+                models[clf] = Path(fit(files, "svm-rbf" if clf == NYSTROEM else clf, cv=3, n_jobs=1).model)
         return models[clf]
 
     exports = {}
@@ -69,30 +76,62 @@ def world(tmp_path_factory):
             exports[clf] = export(model(clf), out=root / f"out-{clf}", quiet=True)
         return exports[clf]
 
-    return {"data": data, "root": root, "model": model, "exported": exported}
+    return {"data": data, "root": root, "model": model, "exported": exported, "files": files, "env": env}
 
 
 # --------------------------------------------------------------------------- heads alone
 
 
-@pytest.mark.parametrize("n_classes", [2, 4])
-@pytest.mark.parametrize("clf", HEADS)
-def test_every_head_as_graph_ops_equals_scikit_learn(clf, n_classes):
+def _fitted(clf, n_classes, monkeypatch, *, n=90):
+    """``clf`` from the registry fitted as fit does (calibrated when it has no predict_proba) on
+    tiny learnable data; the held-out rows (25, 12)."""
     from featurepipe.classifiers import CLASSIFIERS, calibrated, needs_calibration
 
+    if clf == NYSTROEM:
+        monkeypatch.setenv("FEATUREPIPE_EXACT_RBF_MAX_ROWS", "10")
     rng = np.random.default_rng(n_classes)
-    X = rng.normal(size=(90, 12)).astype(np.float32)
-    y = np.arange(90) % n_classes
-    X[np.arange(90), y] += 2.0  # learnable
+    X = rng.normal(size=(n, 12)).astype(np.float32)
+    y = np.arange(n) % n_classes
+    X[np.arange(n), y] += 2.0  # learnable
     test = rng.normal(size=(25, 12)).astype(np.float32)
-    model = CLASSIFIERS[clf].make(n_samples=90, n_features=12)
+    model = CLASSIFIERS["svm-rbf" if clf == NYSTROEM else clf].make(n_samples=n, n_features=12)
     model = calibrated(model, cv=3) if needs_calibration(model) else model
-    model.fit(X, y)
+    return model.fit(X, y), test
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("clf", HEADS + [NYSTROEM])
+def test_every_head_as_graph_ops_equals_scikit_learn(clf, n_classes, monkeypatch):
+    model, test = _fitted(clf, n_classes, monkeypatch)
     fn, output = head_function(model)
     got = np.asarray(fn(test))
     assert output == "probabilities"
     assert got.shape == (25, n_classes)
     np.testing.assert_allclose(got, model.predict_proba(test), atol=1e-5)
+
+
+def test_the_size_aware_estimators_are_the_ones_exported(monkeypatch):
+    """The heads above are the merged registry's: Nystroem + ridge (calibrated) and faiss kNN."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from featurepipe.estimators import FaissKNN, ScaledNystroem
+
+    nystroem, _ = _fitted(NYSTROEM, 4, monkeypatch)
+    pipeline = nystroem.calibrated_classifiers_[0].estimator
+    assert isinstance(pipeline.named_steps["kernel"], ScaledNystroem)
+    assert isinstance(pipeline.named_steps["clf"], RidgeClassifier)
+    knn, _ = _fitted("knn", 4, monkeypatch)
+    assert isinstance(knn.named_steps["clf"], FaissKNN)
+
+
+def test_an_ivf_faiss_knn_is_refused_naming_why():
+    from featurepipe.estimators import FaissKNN
+    from featurepipe.heads import NotExportable
+
+    rng = np.random.default_rng(0)
+    knn = FaissKNN(n_neighbors=3, exact_max_rows=10).fit(rng.normal(size=(400, 8)), np.arange(400) % 2)
+    with pytest.raises(NotExportable, match="FaissKNN over a IndexIVFFlat of 400 rows .*approximate"):
+        head_function(knn)
 
 
 def test_a_head_without_a_graph_is_refused_naming_the_formats(world, capsys):
@@ -106,7 +145,7 @@ def test_a_head_without_a_graph_is_refused_naming_the_formats(world, capsys):
 # --------------------------------------------------------------------------- exported files
 
 
-@pytest.mark.parametrize("clf", HEADS)
+@pytest.mark.parametrize("clf", HEADS + [NYSTROEM])
 def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
     result = world["exported"](clf)
     parity = result.manifest["parity"]
@@ -124,8 +163,9 @@ def test_the_exported_tflite_equals_featurepipe_on_the_test_images(world, clf):
 
 def test_the_manifest_describes_input_backbones_head_and_versions(world):
     m = world["exported"]("logreg").manifest
-    assert m["input"]["size"] == 40 and m["input"]["dtype"] == "uint8" and m["input"]["resize"] == "stretch"
-    assert list(m["input"]["resize_inside"].values()) == [32]
+    # two input sizes: the shared input is three times the largest, both resized inside the graph
+    assert m["input"]["size"] == 120 and m["input"]["dtype"] == "uint8" and m["input"]["resize"] == "stretch"
+    assert sorted(m["input"]["resize_inside"].values()) == [32, 40]
     assert [b["image_size"] for b in m["backbones"]] == [32, 40]
     assert all(len(b["weights_sha256"]) == 64 and b["preprocess"] == "scale" for b in m["backbones"])
     assert m["head"]["clf"] == "logreg" and "LogisticRegression" in m["head"]["estimator"]
@@ -153,6 +193,40 @@ def test_check_runs_again_and_catches_a_file_that_is_not_the_model(world, tmp_pa
     assert not redone.passed
     assert redone.manifest["parity"]["a_same_pixels"]["max_abs_diff"] > 1e-4
     assert run_main(main, ["--check", str(checked), "--quiet"]) == 1
+
+
+def test_the_default_model_is_the_best_row_loaded_only_when_its_sha256_matches(world, monkeypatch, tmp_path, capsys):
+    from featurepipe.fit import fit
+    from featurepipe.modelfile import ModelRefused
+
+    for k, v in {**world["env"], "FEATUREPIPE_MODELS": str(tmp_path / "models")}.items():
+        monkeypatch.setenv(k, v)
+    best = Path(fit(world["files"], "logreg", cv=3, n_jobs=1).model)  # the only row: the best by CV
+    result = export(out=tmp_path / "out", limit=3, quiet=True)
+    assert result.manifest["source_model"]["path"] == str(best.resolve()) and best.suffix == ".skops"
+    assert result.passed
+    best.write_bytes(best.read_bytes() + b" ")  # replaced after fit: neither export nor --check reads it
+    with pytest.raises(ModelRefused, match="sha256"):
+        export(out=tmp_path / "again", quiet=True)
+    assert run_main(main, ["--out", str(tmp_path / "again")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert run_main(main, ["--check", str(result.path), "--quiet"]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_an_older_joblib_is_exported_as_the_users_choice(world, tmp_path, capsys):
+    import joblib
+
+    from featurepipe.modelfile import load_user
+
+    old = tmp_path / "old__logreg.joblib"
+    joblib.dump(load_user(world["model"]("logreg")), old)
+    result = export(old, out=tmp_path / "out", limit=3, quiet=True)
+    assert result.passed and result.manifest["source_model"]["path"] == str(old.resolve())
+    # --check never unpickles what a manifest names: the user names the file again
+    assert run_main(main, ["--check", str(result.path), "--quiet"]) == 2
+    assert "pass it with --model" in capsys.readouterr().err
+    assert run_main(main, ["--check", str(result.path), "--model", str(old), "--quiet"]) == 0
 
 
 def test_wrong_arguments_are_one_line(world, capsys):
@@ -261,6 +335,13 @@ def test_mediapipe_image_classifier_loads_the_file_with_its_class_names(world, m
     ours = {p.path: p.label for p in predict(result.manifest["source_model"]["path"], images)}
     assert len(theirs) == 30
     assert sum(theirs[p] == ours[p] for p in ours) / len(ours) >= 0.95
+
+
+def test_the_input_is_the_one_size_or_three_times_the_largest():
+    from featurepipe.export import input_size
+
+    assert input_size([224]) == input_size([224, 224]) == 224
+    assert input_size([227, 224, 260]) == 780
 
 
 def test_every_format_has_a_writer_and_a_runtime():
