@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from .store import write_bytes_atomic
+
 
 def _write_tflite(model, path, *, quantize=None, representative=None):
     """The ``.tflite`` of ``model``: float32, or ``float16`` / ``int8`` weights (int8: activations
@@ -30,12 +32,7 @@ def _write_tflite(model, path, *, quantize=None, representative=None):
         else:
             converter.representative_dataset = lambda: ([batch[None]] for batch in representative)
         content = converter.convert()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, content)
 
 
 def _run_tflite(path):

@@ -66,14 +66,10 @@ def save_bundle(bundle, path):
     """
     import skops.io as sio
 
-    path = Path(path)
+    from .store import write_bytes_atomic
+
     data = sio.dumps(bundle)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, data)
     return sha256_of_bytes(data)
 
 

@@ -399,11 +399,17 @@ def load_part(path, keys=None):
 
 
 def write_json_atomic(path, obj):
+    write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` under a temporary name and rename it to ``path``: a reader sees the old file
+    or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with disk_full_is_an_error(path.parent):
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
