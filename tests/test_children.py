@@ -34,21 +34,22 @@ def _wait_for_markers(folder, n, proc):
     return [int(p.name) for p in folder.iterdir()]
 
 
-def test_loky_workers_die_with_a_killed_search(tmp_path):
+def _workers_left_by_a_killed(script, tmp_path, **env):
+    """Start ``script`` (its two workers write marker files), kill -9 it once both run; the workers
+    still alive 30 s later (each is killed afterwards whatever happens)."""
     markers = tmp_path / "markers"
     markers.mkdir()
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, SLOW_MARKERS=str(markers),
+    env = dict(os.environ, SLOW_MARKERS=str(markers), **env,
                PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
         pids = _wait_for_markers(markers, 2, proc)
         workers = [psutil.Process(pid) for pid in pids if pid != proc.pid]
         assert len(workers) == 2
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=60)
-        assert not alive, f"workers outlived the killed search: {alive}"
+        return psutil.wait_procs(workers, timeout=30)[1]
     finally:
         proc.kill()
         for pid in [int(p.name) for p in markers.iterdir()]:
@@ -56,6 +57,11 @@ def test_loky_workers_die_with_a_killed_search(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_loky_workers_die_with_a_killed_search(tmp_path):
+    alive = _workers_left_by_a_killed(SCRIPT, tmp_path)
+    assert not alive, f"workers outlived the killed search: {alive}"
 
 
 def test_die_with_parent_kills_a_child_whose_parent_is_already_gone():
@@ -80,24 +86,6 @@ audit.audit([f], n_jobs=2, seeds=1)
 
 def test_audit_workers_die_with_a_killed_audit(tmp_path):
     """kill -9 of audit while its cross-validation workers fit: they go too (issue 28, item 8)."""
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, SLOW_MARKERS=str(markers), FEATUREPIPE_MODELS=str(tmp_path / "models"),
-               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
-    proc = subprocess.Popen([sys.executable, "-c", AUDIT_SCRIPT.format(root=tmp_path)], env=env)
-    try:
-        pids = _wait_for_markers(markers, 2, proc)
-        workers = [psutil.Process(pid) for pid in pids if pid != proc.pid]
-        assert len(workers) == 2
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=30)
-        assert not alive, f"audit workers outlived the killed audit: {alive}"
-    finally:
-        proc.kill()
-        for pid in [int(p.name) for p in markers.iterdir()]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    alive = _workers_left_by_a_killed(AUDIT_SCRIPT.format(root=tmp_path), tmp_path,
+                                      FEATUREPIPE_MODELS=str(tmp_path / "models"))
+    assert not alive, f"audit workers outlived the killed audit: {alive}"
