@@ -2,6 +2,8 @@
 
     python benchmarks/scale.py --rows 10000 100000 --classes 100 --stages audit report --out /tmp/scale
     python benchmarks/scale.py --rows 1000 10000 --stages predict --out /tmp/scale
+    python benchmarks/scale.py --rows 1000000 --backbones efficientnet_lite0 --stages compare --clf logreg knn
+    python benchmarks/scale.py --rows 100000 --stages compare --dask-workers 2 --dask-memory-gb 3
 
 For each row count it writes feature files in the documented HDF5 contract (featurepipe.store's
 writer, a chunk of rows at a time, so writing 1M rows needs no more memory than one chunk), one
@@ -21,7 +23,10 @@ Stages (``--stages``, in this order), each ``featurepipe <stage> ...`` in a fres
 with its peak RSS (``wait4``'s ``ru_maxrss``: the largest single process among it and its
 children) and the sampled peak RSS of its whole process tree (psutil, every 0.5 s):
 
-* ``compare``: ``featurepipe compare --features <the files>`` (default classifiers);
+* ``compare``: ``featurepipe compare --features <the files>`` (default classifiers, or ``--clf
+  ...``); with ``--dask-workers N`` the harness starts a ``LocalCluster`` of N worker processes
+  (one thread, ``--dask-memory-gb`` each) and adds ``--dask <its address>``: the workers' peak RSS
+  is sampled and noted (the largest one), the client's is the stage's own;
 * ``fit``: ``featurepipe fit --clf nb --cv 2`` on the joined files (naive Bayes on 32 PCA axes: a
   cheap model) for the audit's re-scoring and the report's best-model section when compare did not
   leave one;
@@ -180,12 +185,14 @@ def link_images(root, rel_paths, pool):
 # --------------------------------------------------------------------------- measuring
 
 
-def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0):
+def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0, cluster=None):
     """Run ``cmd`` in a fresh process group; dict(status, seconds, peak_rss_gb, tree_rss_gb, last).
 
     The group is killed past ``timeout`` seconds, or when its processes together hold more than
     ``max_rss_gb`` (sampled every 0.2 s: a stage that would need more than the machine has is
-    recorded as such instead of waking the kernel's OOM killer on a shared machine).
+    recorded as such instead of waking the kernel's OOM killer on a shared machine). With
+    ``cluster`` (the Dask cluster's process), its worker processes are sampled too: the largest
+    one's peak is ``worker_rss_gb`` and they count towards ``max_rss_gb``.
     """
     import psutil
 
@@ -193,6 +200,7 @@ def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0):
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
         tree_peak = [0]
+        worker_peak = [0]
         over = threading.Event()
         done = threading.Event()
 
@@ -204,7 +212,9 @@ def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0):
                     tree_peak[0] = max(tree_peak[0], sum(_rss(p) for p in procs))
                 except psutil.Error:
                     pass
-                if tree_peak[0] > max_rss_gb * 2**30 and not over.is_set():
+                workers = [_rss(p) for p in _children(cluster)]
+                worker_peak[0] = max([worker_peak[0], *workers])
+                if tree_peak[0] + sum(workers) > max_rss_gb * 2**30 and not over.is_set():
                     over.set()
                     _kill_group(proc.pid)
 
@@ -227,7 +237,54 @@ def run_stage(cmd, *, env, timeout, log, max_rss_gb=16.0):
         "timeout" if timed_out else f"killed by the harness: over {max_rss_gb:g} GB" if over.is_set()
         else f"killed (signal {-code})" if code < 0 else f"exit {code}")
     return {"status": state, "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "tree_rss_gb": round(tree_peak[0] / 2**30, 2), "last": last[-160:]}
+            "tree_rss_gb": round(tree_peak[0] / 2**30, 2), "last": last[-160:],
+            **({"worker_rss_gb": round(worker_peak[0] / 2**30, 2)} if cluster else {})}
+
+
+def _children(process):
+    import psutil
+
+    try:
+        return process.children(recursive=True) if process else []
+    except psutil.Error:
+        return []
+
+
+class DaskCluster:
+    """A LocalCluster of ``workers`` processes (one thread, ``memory_gb`` each) in its own process.
+
+    ``address`` is its scheduler; ``process`` the psutil handle whose children are the workers.
+    """
+
+    def __init__(self, workers, memory_gb, *, folder, env):
+        import psutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        address_file = folder / "dask-address"
+        address_file.unlink(missing_ok=True)
+        script = ("import sys, time\nfrom distributed import LocalCluster\n"
+                  f"c = LocalCluster(n_workers={workers}, threads_per_worker=1, memory_limit='{memory_gb}GB', "
+                  "dashboard_address=None)\n"
+                  f"open({str(address_file)!r} + '.tmp', 'w').write(c.scheduler_address)\n"
+                  f"import os; os.replace({str(address_file)!r} + '.tmp', {str(address_file)!r})\n"
+                  "time.sleep(1e9)\n")
+        self.log = open(folder / "dask-cluster.log", "w")
+        self.popen = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=self.log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(600):
+            if address_file.exists() or self.popen.poll() is not None:
+                break
+            time.sleep(0.2)
+        if not address_file.exists():
+            self.close()
+            raise RuntimeError(f"the Dask cluster did not start: see {folder / 'dask-cluster.log'}")
+        self.address = address_file.read_text().strip()
+        self.process = psutil.Process(self.popen.pid)
+
+    def close(self):
+        _kill_group(self.popen.pid)
+        self.popen.wait()
+        self.log.close()
 
 
 def _kill_group(pid):
@@ -279,9 +336,10 @@ def predict_setup(base, env, *, timeout):
     return sorted(models.glob("*.skops"))[0]
 
 
-def stage_command(stage, files, home, *, n_rows, model=None):
+def stage_command(stage, files, home, *, n_rows, model=None, clf=(), dask=None):
     if stage == "compare":
-        return featurepipe("compare", "--features", *files)
+        return featurepipe("compare", "--features", *files, *(["--clf", *clf] if clf else []),
+                           *(["--dask", dask] if dask else []))
     if stage == "fit":
         return featurepipe("fit", "--features", *files, "--clf", "nb", "--cv", "2")
     if stage == "audit":
@@ -328,20 +386,13 @@ def measure(args):
             print(f"{n_rows} rows: preparing", flush=True)
             files = prepare(home, n_rows=n_rows, n_classes=args.classes, backbones=args.backbones, seed=args.seed,
                             need_images="report" in table_stages)
-        model = None
-        for stage in table_stages:
-            if stage == "predict":
-                model = predict_setup(out, env, timeout=args.timeout)
-                link_images(home / "predict-images", [f"{k // 1000:04d}/{k:07d}.jpg" for k in range(n_rows)],
-                            make_pool(out / "pool"))
-            cmd = stage_command(stage, files, home, n_rows=n_rows, model=model)
-            print(f"{n_rows} rows: {stage}: {' '.join(map(str, cmd))}", flush=True)
-            result = run_stage(cmd, env=env, timeout=args.timeout, log=home / f"{stage}.log",
-                               max_rss_gb=args.max_rss_gb)
-            result.update(rows=n_rows, classes=args.classes if stage != "predict" else 3, stage=stage,
-                          note=_note(stage, home, result))
-            print(f"  {json.dumps(result)}", flush=True)
-            rows.append(result)
+        cluster = (DaskCluster(args.dask_workers, args.dask_memory_gb, folder=home, env=env)
+                   if args.dask_workers and "compare" in table_stages else None)
+        try:
+            rows += _measure_stages(table_stages, files, home, env, args, n_rows=n_rows, cluster=cluster)
+        finally:
+            if cluster:
+                cluster.close()
     table = markdown(rows, args)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +402,28 @@ def measure(args):
     return 0
 
 
-def _note(stage, home, result):
+def _measure_stages(table_stages, files, home, env, args, *, n_rows, cluster):
+    rows = []
+    model = None
+    out = Path(args.out).resolve()
+    for stage in table_stages:
+        if stage == "predict":
+            model = predict_setup(out, env, timeout=args.timeout)
+            link_images(home / "predict-images", [f"{k // 1000:04d}/{k:07d}.jpg" for k in range(n_rows)],
+                        make_pool(out / "pool"))
+        dask = cluster.address if cluster and stage == "compare" else None
+        cmd = stage_command(stage, files, home, n_rows=n_rows, model=model, clf=args.clf, dask=dask)
+        print(f"{n_rows} rows: {stage}: {' '.join(map(str, cmd))}", flush=True)
+        result = run_stage(cmd, env=env, timeout=args.timeout, log=home / f"{stage}.log",
+                           max_rss_gb=args.max_rss_gb, cluster=cluster.process if dask else None)
+        result.update(rows=n_rows, classes=args.classes if stage != "predict" else 3, stage=stage,
+                      note=_note(stage, home, result, dask_memory_gb=args.dask_memory_gb if dask else None))
+        print(f"  {json.dumps(result)}", flush=True)
+        rows.append(result)
+    return rows
+
+
+def _note(stage, home, result, *, dask_memory_gb=None):
     if stage == "report":
         pages = sorted((home / "models").glob("*/report.html"))
         if pages:
@@ -366,6 +438,9 @@ def _note(stage, home, result):
             return (f"{s.get('duplicate_pairs')} pairs ({s.get('duplicate_search', '')}), "
                     f"{s.get('suspects')} suspects, {s.get('rows_rescored')} rows re-scored"
                     + (f"; {len(s['notes'])} notes (sampled/approximated)" if s.get("notes") else ""))
+    if dask_memory_gb:
+        return (f"Dask: largest worker {result['worker_rss_gb']} GB (limit {dask_memory_gb:g} GB)"
+                + ("" if result["status"] == "ok" else f"; {result['last']}"))
     return "" if result["status"] == "ok" else result["last"]
 
 
@@ -394,7 +469,13 @@ def main():
     p.add_argument("--max-rss-gb", type=float, default=16.0,
                    help="kill a stage whose processes together hold more than this (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clf", nargs="+", default=[], help="compare: these classifiers (default: compare's defaults)")
+    p.add_argument("--dask-workers", type=int, default=0,
+                   help="compare on a LocalCluster of this many worker processes (one thread each)")
+    p.add_argument("--dask-memory-gb", type=float, default=3.0, help="each Dask worker's memory limit")
     args = p.parse_args()
+    if args.dask_memory_gb and not args.dask_workers:
+        args.dask_memory_gb = None
     return measure(args)
 
 

@@ -148,23 +148,33 @@ def plan_fit(spec, *, features, n_train, n_features, n_classes, n_candidates, fo
 
 
 def check_plans(plans, *, available=None, dask=None):
-    """Raise UsageError (one line naming the fix) when a row's plan exceeds the memory budget."""
+    """Raise UsageError when any row's plan exceeds the memory budget.
+
+    The one line names every row that cannot fit and the fix: the requested classifiers whose rows
+    all fit (else logreg or knn), fewer files, or --dask when only the search is too big.
+    """
     available = available_memory() if available is None else available
     budget = SAFETY * available
-    for plan in plans:
-        if plan.memory > budget:
-            raise UsageError(_refusal(plan, budget, dask))
+    over = [p for p in plans if p.memory > budget]
+    if over:
+        fitting = [c for c in dict.fromkeys(p.clf for p in plans) if c not in {p.clf for p in over}]
+        raise UsageError(_refusal(over, fitting, budget, dask))
 
 
-def _refusal(plan, budget, dask):
-    fix = "use --clf logreg or knn"
-    if plan.clf == "svm-rbf" and "nystroem" not in plan.note:  # the exact kernel: the map is bounded
-        fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {plan.n_train} (Nystroem), or {fix}"
+def _refusal(over, fitting, budget, dask):
+    cheaper = [c for c in ("logreg", "knn", "nb") if c not in {p.clf for p in over}]
+    fix = (f"use --clf {' '.join(fitting)}" if fitting else f"use --clf {' or '.join(cheaper)}" if cheaper
+           else "use a machine with more memory (FEATUREPIPE_MEMORY=SIZE if more is free than seen)")
+    exact_rbf = [p for p in over if p.clf == "svm-rbf" and "nystroem" not in p.note]
+    if exact_rbf:  # the exact kernel: the Nystroem map is the bounded variant
+        fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {exact_rbf[0].n_train} (Nystroem), or {fix}"
     # --dask moves the search's fits, not the refit on all rows
-    where = "" if dask or plan.refit_memory > budget else ", or run the grid on a cluster with --dask tcp://HOST:8786"
-    return (f"{plan.features} / {plan.clf} needs ~{_size(plan.memory)} for {plan.n_train:,} rows x "
-            f"{plan.n_features:,} features but ~{_size(budget)} is available: {fix}, pass fewer "
-            f"--features files{where} (nothing was fitted)")
+    searches_only = not dask and all(p.refit_memory <= budget for p in over)
+    where = ", or run the grid on a cluster with --dask tcp://HOST:8786" if searches_only else ""
+    rows = "; ".join(f"{p.features} / {p.clf} needs ~{_size(p.memory)} for {p.n_train:,} rows x "
+                     f"{p.n_features:,} features" + (f" ({p.note})" if p.note else "") for p in over)
+    return (f"{rows}; ~{_size(budget)} is available: {fix}, pass fewer --features files{where} "
+            f"(nothing was fitted)")
 
 
 def announce(plans, *, file=None):

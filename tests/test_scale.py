@@ -157,3 +157,20 @@ def test_memory_sizes_parse_and_bad_ones_are_one_line():
     assert parse_bytes("8G") == 8 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes("100") == 100
     with pytest.raises(UsageError, match="FEATUREPIPE_MEMORY"):
         parse_bytes("lots")
+
+
+def test_a_refusal_names_every_row_that_cannot_fit_and_the_classifiers_that_can():
+    from featurepipe.budget import GB, RowPlan, check_plans
+
+    def plan(clf, gb, note=""):
+        return RowPlan("big", clf, 800_000, 1280, 100, 20_000, gb * GB, 60.0, note, gb * GB)
+
+    plans = [plan("svm-rbf", 23.7, "nystroem 2048"), plan("logreg", 10.4), plan("knn", 8.6), plan("mlp", 30.0)]
+    with pytest.raises(UsageError) as refused:
+        check_plans(plans, available=16 * GB)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert "big / svm-rbf needs ~23.7 GB" in line and "big / mlp needs ~30.0 GB" in line
+    assert "logreg needs" not in line and "knn needs" not in line
+    assert "use --clf logreg knn" in line and "nothing was fitted" in line
+    check_plans(plans[1:3], available=16 * GB)  # the named alternative does fit: no refusal
