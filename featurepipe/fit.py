@@ -362,7 +362,8 @@ def _fit_and_save(fs, files, spec, pipeline, grid, folds, seed, train, test, fol
             update_results(folder, [result.row()])
         return result
     found["best_params"] = dict(found["best_params"])
-    found["note"] = "; ".join(n for n in (plan.note, _subsample_note(found["search_rows"], len(train))) if n)
+    said = plan.note.split("; ") + [_subsample_note(found["search_rows"], len(train))]
+    found["note"] = "; ".join(n for n in dict.fromkeys(said) if n)  # the plan's note may say it already
     result = _score(found, fs, test, base, time.perf_counter() - started)
     if save:
         result = _save(result, found["model"], fs, folder, stem)
