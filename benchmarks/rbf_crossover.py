@@ -8,8 +8,9 @@ them (``featurepipe.fit.load_feature_set``). For every size N, a stratified samp
 rows; both variants are the registry's ``svm-rbf`` pipeline built for N rows with the switch
 forced (``FEATUREPIPE_EXACT_RBF_MAX_ROWS``): the exact kernel SVM with C 10 and the Nystroem 2048
 + ridge with alpha 0.03 (the values each default grid chooses on these data and on flowers5).
-Each (variant, N) runs in a fresh process: 3-fold stratified CV (seed 0), one fit per fold with
-its calibration, as one grid point of ``compare``. Reported: mean CV accuracy, seconds per fold
+Each (variant, N) runs in a fresh process: 3-fold stratified CV (seed 0), one fit per fold, as
+one grid point of ``compare``'s search (the sigmoid calibration ``compare`` adds to the refit of
+either variant is not part of it). Reported: mean CV accuracy, seconds per fold
 (fit + scoring the held-out third) and the process's peak RSS. Prints a Markdown table and saves
 it under ``--out``.
 """
