@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import UsageError
-from .estimators import FaissKNN, ScaledNystroem  # noqa: F401  (re-exported)
+from .estimators import BlockwiseStandardScaler, FaissKNN, ScaledNystroem  # noqa: F401  (re-exported)
 
 PCA_DIMS = 64
 
@@ -114,9 +114,7 @@ class ClassifierSpec:
 
 
 def _scaler():
-    from sklearn.preprocessing import StandardScaler
-
-    return StandardScaler()
+    return BlockwiseStandardScaler()
 
 
 def _pca(n_samples, n_features, seed, dims=PCA_DIMS):
@@ -252,16 +250,18 @@ def _knn(n_samples, n_features, seed):
 
 def _knn_note(n_samples, n_features):
     if n_samples > exact_knn_max_rows():
-        return f"faiss IVF {int(4 * np.sqrt(n_samples))} lists, nprobe 32"
+        return f"faiss IVF-SQ8 {int(4 * np.sqrt(n_samples))} lists, nprobe 32"
     return ""
 
 
 def _knn_cost(n, d, k):
     from .budget import BLAS_FLOPS, Cost
 
-    # the index (a float32 copy of the rows); predicting n / 4 rows against them is the time
-    work = 2.0 * (n / 4) * n * d if n <= exact_knn_max_rows() else 2.0 * (n / 4) * d * (32 * n / (4 * n ** 0.5))
-    return Cost(memory=4.0 * n * d + 8.0 * 4096 * 64, seconds=work / BLAS_FLOPS)
+    # the index (the rows in float32, or 8-bit codes above the exact size) and a block being added;
+    # predicting n / 4 rows against them is the time
+    exact = n <= exact_knn_max_rows()
+    work = 2.0 * (n / 4) * n * d if exact else 2.0 * (n / 4) * d * (32 * n / (4 * n ** 0.5))
+    return Cost(memory=(4.0 if exact else 1.0) * n * d + 8.0 * 16_384 * d, seconds=work / BLAS_FLOPS)
 
 
 def _rf(n_samples, n_features, seed):

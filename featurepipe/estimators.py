@@ -1,11 +1,15 @@
 """Scikit-learn estimators featurepipe adds for data at scale (``featurepipe.classifiers`` builds
 them into its pipelines): ``ScaledNystroem``, an RBF kernel map with the exact kernel's gamma
-rule, and ``FaissKNN``, cosine k-NN through faiss (exact, or an IVF index for many rows).
+rule, ``FaissKNN``, cosine k-NN through faiss (exact, or an IVF index for many rows), and
+``BlockwiseStandardScaler``, a ``StandardScaler`` whose fit needs no float64 copy of the rows.
 """
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
+
+BLOCK_ROWS = 16_384  # rows normalised (or fitted) at a time: a block's copy, never the whole matrix's
 
 
 def scale_gamma(X):
@@ -60,9 +64,10 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
     ``KNeighborsClassifier(metric="cosine", weights="distance")``.
 
     Rows are L2-normalised and searched by inner product: exactly (``IndexFlatIP``) up to
-    ``exact_max_rows`` training rows, above that in an ``IndexIVFFlat`` of ``sqrt``-many lists
-    probed ``nprobe`` at a time (faiss: exact search is practical to about a million vectors,
-    IVF/HNSW beyond). The fitted model keeps the training rows (float32) inside the index.
+    ``exact_max_rows`` training rows, above that in an ``IndexIVFScalarQuantizer`` of
+    ``4 sqrt(n)`` lists probed ``nprobe`` at a time, each row stored in 8 bits per feature (faiss:
+    exact search is practical to about a million vectors, IVF with compressed codes beyond). The
+    fitted model keeps the training rows inside the index: n x d x 4 bytes exact, n x d above.
 
     Parameters
     ----------
@@ -87,20 +92,20 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
 
         if self.weights not in ("distance", "uniform"):
             raise ValueError(f"weights must be 'distance' or 'uniform', got {self.weights!r}")
-        X = _unit_rows(X)
         self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
-        self.n_features_in_ = X.shape[1]
-        if len(X) <= (50_000 if self.exact_max_rows is None else self.exact_max_rows):
-            index = faiss.IndexFlatIP(X.shape[1])
+        n, d = X.shape
+        self.n_features_in_ = d
+        if n <= (50_000 if self.exact_max_rows is None else self.exact_max_rows):
+            index = faiss.IndexFlatIP(d)
         else:
-            nlist = int(4 * np.sqrt(len(X)))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(X.shape[1]), X.shape[1], nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
-            sample = np.random.default_rng(self.random_state).choice(len(X), min(len(X), 64 * nlist),
-                                                                    replace=False)
-            index.train(X[np.sort(sample)])
+            nlist = int(4 * np.sqrt(n))
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(self.random_state).choice(n, min(n, 64 * nlist), replace=False)
+            index.train(_unit_rows(X[np.sort(sample)]))
             index.nprobe = self.nprobe
-        index.add(X)
+        for start in range(0, n, BLOCK_ROWS):  # normalised block by block: no full-size copy
+            index.add(_unit_rows(X[start:start + BLOCK_ROWS]))
         self.index_ = index
         return self
 
@@ -122,11 +127,10 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities of shape (n_rows, n_classes): neighbour weights, normalised."""
         check_is_fitted(self, "index_")
-        X = _unit_rows(X)
         k = min(int(self.n_neighbors), self.index_.ntotal)
         out = np.zeros((len(X), len(self.classes_)), dtype=np.float64)
         for start in range(0, len(X), 4096):
-            sims, idx = self.index_.search(X[start:start + 4096], k)
+            sims, idx = self.index_.search(_unit_rows(X[start:start + 4096]), k)
             dist = np.maximum(1.0 - sims.astype(np.float64), 0.0)
             valid = idx >= 0
             if self.weights == "uniform":
@@ -151,3 +155,22 @@ def _unit_rows(X):
     X = np.ascontiguousarray(X, dtype=np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
+
+
+class BlockwiseStandardScaler(StandardScaler):
+    """``StandardScaler`` fitted ``BLOCK_ROWS`` rows at a time (``partial_fit``).
+
+    scikit-learn's one-shot fit subtracts the float64 mean from every row at once, a float64 copy
+    of a float32 matrix (twice its size: 6 GB for 800,000 x 1,280); here the copy is one block's.
+    ``mean_``, ``var_`` and ``scale_`` are those of ``StandardScaler`` (identical up to
+    ``BLOCK_ROWS`` rows, equal to float rounding above); the transform is ``StandardScaler``'s.
+    """
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit on ``X`` of shape (n_samples, n_features); returns self."""
+        self._reset()
+        n = X.shape[0] if hasattr(X, "shape") else len(X)
+        for start in range(0, n, BLOCK_ROWS):
+            weights = None if sample_weight is None else sample_weight[start:start + BLOCK_ROWS]
+            self.partial_fit(X[start:start + BLOCK_ROWS], sample_weight=weights)
+        return self

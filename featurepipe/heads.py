@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .classifiers import RBFKernel
-from .estimators import FaissKNN, ScaledNystroem
+from .estimators import BlockwiseStandardScaler, FaissKNN, ScaledNystroem
 
 
 class NotExportable(Exception):
@@ -360,8 +360,8 @@ HEADS = {
     KNeighborsClassifier: HeadKind(proba=_knn_proba),
     FaissKNN: HeadKind(proba=_faiss_knn_proba),
 }
-TRANSFORMS = {StandardScaler: _standard_scaler, PCA: _pca, RBFKernel: _rbf_kernel, Nystroem: _nystroem,
-              ScaledNystroem: _scaled_nystroem}
+TRANSFORMS = {StandardScaler: _standard_scaler, BlockwiseStandardScaler: _standard_scaler, PCA: _pca,
+              RBFKernel: _rbf_kernel, Nystroem: _nystroem, ScaledNystroem: _scaled_nystroem}
 WRAPPERS = {Pipeline: _pipeline, CalibratedClassifierCV: _calibrated}
 
 

@@ -37,6 +37,7 @@ MODEL_SUFFIX = ".skops"
 # classifiers of featurepipe.classifiers need; one place, extend it for a new estimator class.
 TRUSTED_TYPES = (
     "featurepipe.classifiers.RBFKernel",
+    "featurepipe.estimators.BlockwiseStandardScaler",
     "featurepipe.estimators.FaissKNN",
     "featurepipe.estimators.ScaledNystroem",
     "sklearn.calibration._CalibratedClassifier",
@@ -58,19 +59,29 @@ def sha256_of_bytes(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_of_file(path):
+    """Hex sha256 of the file at ``path``, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_bundle(bundle, path):
     """Write ``bundle`` (a dict holding the fitted model) to ``path`` atomically; its sha256.
 
     The file is written under a temporary name and renamed into place, so a reader sees the old
-    file or the new one, never half of one.
+    file or the new one, never half of one. It is streamed to disk (not built in memory first): a
+    kNN model holds its training rows, and a copy of them in memory could be what does not fit.
     """
     import skops.io as sio
 
-    from .store import write_bytes_atomic
+    from .store import atomic_path
 
-    data = sio.dumps(bundle)
-    write_bytes_atomic(path, data)
-    return sha256_of_bytes(data)
+    with atomic_path(path) as tmp:
+        sio.dump(bundle, tmp)
+        return sha256_of_file(tmp)
 
 
 def written_path(path, folder):

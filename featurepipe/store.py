@@ -405,11 +405,19 @@ def write_json_atomic(path, obj):
 def write_bytes_atomic(path, data):
     """Write ``data`` under a temporary name and rename it to ``path``: a reader sees the old file
     or the new one, never half of one."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside ``path`` to write; renamed to ``path`` when the block ends without
+    an error (removed otherwise). A full disk is one ``DiskFullError``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with disk_full_is_an_error(path.parent):
-            tmp.write_bytes(data)
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -130,7 +130,7 @@ def test_an_ivf_faiss_knn_is_refused_naming_why():
 
     rng = np.random.default_rng(0)
     knn = FaissKNN(n_neighbors=3, exact_max_rows=10).fit(rng.normal(size=(400, 8)), np.arange(400) % 2)
-    with pytest.raises(NotExportable, match="FaissKNN over a IndexIVFFlat of 400 rows .*approximate"):
+    with pytest.raises(NotExportable, match="FaissKNN over a IndexIVFScalarQuantizer of 400 rows .*approximate"):
         head_function(knn)
 
 

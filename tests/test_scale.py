@@ -174,3 +174,36 @@ def test_a_refusal_names_every_row_that_cannot_fit_and_the_classifiers_that_can(
     assert "logreg needs" not in line and "knn needs" not in line
     assert "use --clf logreg knn" in line and "nothing was fitted" in line
     check_plans(plans[1:3], available=16 * GB)  # the named alternative does fit: no refusal
+
+
+def test_the_blockwise_scaler_equals_standard_scaler_and_fits_a_block_at_a_time(monkeypatch):
+    from sklearn.preprocessing import StandardScaler
+
+    from featurepipe import estimators
+    from featurepipe.estimators import BlockwiseStandardScaler
+
+    X = np.random.default_rng(0).normal(3.0, 2.0, (1000, 24)).astype(np.float32)
+    reference = StandardScaler().fit(X)
+    whole = BlockwiseStandardScaler().fit(X)  # one block: the same computation
+    assert np.array_equal(whole.mean_, reference.mean_) and np.array_equal(whole.scale_, reference.scale_)
+    monkeypatch.setattr(estimators, "BLOCK_ROWS", 64)
+    seen = []
+    real = StandardScaler.partial_fit
+    monkeypatch.setattr(StandardScaler, "partial_fit", lambda self, X, *a, **k: seen.append(len(X)) or real(self, X, *a, **k))
+    blocks = BlockwiseStandardScaler().fit(X)
+    assert max(seen) == 64 and sum(seen) == 1000 and blocks.n_samples_seen_ == 1000
+    np.testing.assert_allclose(blocks.mean_, reference.mean_, rtol=1e-6)
+    np.testing.assert_allclose(blocks.scale_, reference.scale_, rtol=1e-5)
+    np.testing.assert_allclose(blocks.transform(X), reference.transform(X), atol=1e-5)
+
+
+def test_faiss_knn_above_its_threshold_keeps_8_bit_codes_and_adds_in_blocks(monkeypatch):
+    from featurepipe import estimators
+
+    monkeypatch.setattr(estimators, "BLOCK_ROWS", 50)
+    X, y, _, _ = separable(n_per_class=100, dim=16)
+    exact = FaissKNN(n_neighbors=5).fit(X, y)
+    approx = FaissKNN(n_neighbors=5, exact_max_rows=50, nprobe=64).fit(X, y)
+    assert "ScalarQuantizer" in type(approx.index_).__name__ and approx.index_.ntotal == len(X)
+    assert approx.index_.code_size == X.shape[1]  # one byte per feature
+    assert (approx.predict(X) == exact.predict(X)).mean() >= 0.95
