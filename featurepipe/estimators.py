@@ -102,7 +102,7 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
             index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                   faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(self.random_state).choice(n, min(n, 64 * nlist), replace=False)
-            index.train(_unit_rows(X[np.sort(sample)]))
+            index.train(_unit_rows(X[np.sort(sample)], copy=False))  # the sample is a copy already
             index.nprobe = self.nprobe
         for start in range(0, n, BLOCK_ROWS):  # normalised block by block: no full-size copy
             index.add(_unit_rows(X[start:start + BLOCK_ROWS]))
@@ -151,10 +151,13 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-def _unit_rows(X):
+def _unit_rows(X, copy=True):
     X = np.ascontiguousarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.maximum(norms, 1e-12)
+    norms = np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    if copy:
+        return X / norms
+    X /= norms
+    return X
 
 
 class BlockwiseStandardScaler(StandardScaler):
