@@ -8,11 +8,12 @@ capped by both). ``get_classifier("package.module:ClassName")`` wraps any scikit
 estimator the same way.
 
 The input rows are L2-normalised feature blocks (see ``featurepipe.fit``); ``scale`` standardises
-each column so that one ``C`` grid suits every backbone.
+each column so that one ``C`` grid suits every backbone (``BlockwiseStandardScaler``: fitted a
+block of rows at a time, so a float32 matrix is never copied to float64).
 
 Size-aware: ``build`` sees the number of training rows and picks the bounded variant above the
 measured crossovers (docs/fit.md, "Classifiers at scale"): ``svm-rbf`` becomes a Nystroem map +
-linear SVM above ``exact_rbf_max_rows()``, ``knn`` searches a faiss IVF index above
+ridge classifier above ``exact_rbf_max_rows()``, ``knn`` searches a faiss IVF index of 8-bit codes above
 ``exact_knn_max_rows()``, ``logreg`` caps its iterations, ``rf`` bootstraps capped samples.
 ``spec.note(n_samples, n_features)`` says which variant was built (shown in the results table);
 ``spec.cost(...)`` estimates the peak memory and time of one fit (``featurepipe.budget``).
