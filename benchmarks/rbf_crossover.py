@@ -16,6 +16,7 @@ it under ``--out``.
 """
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -68,8 +69,11 @@ def main():
     folder = out / "features"
     files = [folder / f"{b}.h5" for b in BACKBONE_DIMS]
     total = int(max(args.rows) / 0.8 * 1.1) + 1  # the test share is not used: only training rows
-    if not all(f.exists() for f in files):
+    marker = folder / ".complete.json"
+    want = {"rows": total, "classes": args.classes}
+    if not (marker.exists() and json.loads(marker.read_text()) == want and all(f.exists() for f in files)):
         write_feature_files(folder, n_rows=total, n_classes=args.classes, backbones=list(BACKBONE_DIMS))
+        marker.write_text(json.dumps(want))
     lines = [f"`python benchmarks/rbf_crossover.py {' '.join(sys.argv[1:])}` — {os.cpu_count()} cores, "
              f"3 backbones joined ({sum(BACKBONE_DIMS.values())} dims), {args.classes} classes, 3-fold CV",
              "", "| training rows | variant | CV accuracy | s per fold | peak RSS GB |", "|---:|---|---:|---:|---:|"]

@@ -262,22 +262,28 @@ class DaskCluster:
         folder.mkdir(parents=True, exist_ok=True)
         address_file = folder / "dask-address"
         address_file.unlink(missing_ok=True)
-        script = ("import sys, time\nfrom distributed import LocalCluster\n"
+        # the cluster lives in its own session (a stage's kill must not reach it) and ends by itself
+        # when the harness goes away, however the harness ends
+        script = ("import os, time\nfrom distributed import LocalCluster\n"
                   f"c = LocalCluster(n_workers={workers}, threads_per_worker=1, memory_limit='{memory_gb}GB', "
                   "dashboard_address=None)\n"
                   f"open({str(address_file)!r} + '.tmp', 'w').write(c.scheduler_address)\n"
-                  f"import os; os.replace({str(address_file)!r} + '.tmp', {str(address_file)!r})\n"
-                  "time.sleep(1e9)\n")
+                  f"os.replace({str(address_file)!r} + '.tmp', {str(address_file)!r})\n"
+                  f"while os.getppid() == {os.getpid()}:\n    time.sleep(1)\n"
+                  "c.close()\n")
         self.log = open(folder / "dask-cluster.log", "w")
         self.popen = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=self.log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(600):
-            if address_file.exists() or self.popen.poll() is not None:
-                break
-            time.sleep(0.2)
-        if not address_file.exists():
+        try:
+            for _ in range(600):
+                if address_file.exists() or self.popen.poll() is not None:
+                    break
+                time.sleep(0.2)
+            if not address_file.exists():
+                raise RuntimeError(f"the Dask cluster did not start: see {folder / 'dask-cluster.log'}")
+        except BaseException:
             self.close()
-            raise RuntimeError(f"the Dask cluster did not start: see {folder / 'dask-cluster.log'}")
+            raise
         self.address = address_file.read_text().strip()
         self.process = psutil.Process(self.popen.pid)
 

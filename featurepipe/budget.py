@@ -167,7 +167,8 @@ def _refusal(over, fitting, budget, dask):
            else "use a machine with more memory (FEATUREPIPE_MEMORY=SIZE if more is free than seen)")
     exact_rbf = [p for p in over if p.clf == "svm-rbf" and "nystroem" not in p.note]
     if exact_rbf:  # the exact kernel: the Nystroem map is the bounded variant
-        fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {exact_rbf[0].n_train} (Nystroem), or {fix}"
+        smallest = min(p.n_train for p in exact_rbf)
+        fix = f"lower FEATUREPIPE_EXACT_RBF_MAX_ROWS below {smallest} (Nystroem), or {fix}"
     # --dask moves the search's fits, not the refit on all rows
     searches_only = not dask and all(p.refit_memory <= budget for p in over)
     where = ", or run the grid on a cluster with --dask tcp://HOST:8786" if searches_only else ""

@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import UsageError
-from .estimators import BlockwiseStandardScaler, FaissKNN, ScaledNystroem  # noqa: F401  (re-exported)
+from .estimators import BlockwiseStandardScaler, FaissKNN, ScaledNystroem, ivf_lists  # noqa: F401  (re-exported)
 
 PCA_DIMS = 64
 
@@ -251,18 +251,21 @@ def _knn(n_samples, n_features, seed):
 
 def _knn_note(n_samples, n_features):
     if n_samples > exact_knn_max_rows():
-        return f"faiss IVF-SQ8 {int(4 * np.sqrt(n_samples))} lists, nprobe 32"
+        return f"faiss IVF-SQ8 {ivf_lists(n_samples)} lists, nprobe 32"
     return ""
 
 
 def _knn_cost(n, d, k):
     from .budget import BLAS_FLOPS, Cost
 
-    # the index (the rows in float32, or 8-bit codes above the exact size) and a block being added;
-    # predicting n / 4 rows against them is the time
+    # the index (the rows in float32, or 8-bit codes above the exact size), held about four times
+    # while skops saves it; the IVF's training sample (64 rows per list) is copied twice by faiss.
+    # Predicting n / 4 rows against the index is the time.
     exact = n <= exact_knn_max_rows()
-    work = 2.0 * (n / 4) * n * d if exact else 2.0 * (n / 4) * d * (32 * n / (4 * n ** 0.5))
-    return Cost(memory=(4.0 if exact else 1.0) * n * d + 8.0 * 16_384 * d, seconds=work / BLAS_FLOPS)
+    index = (4.0 if exact else 1.0) * n * d
+    training = 0.0 if exact else 2 * 4.0 * min(n, 64 * ivf_lists(n)) * d
+    work = 2.0 * (n / 4) * n * d if exact else 2.0 * (n / 4) * d * (32 * n / ivf_lists(n))
+    return Cost(memory=max(4 * index, index + training) + 8.0 * 16_384 * d, seconds=work / BLAS_FLOPS)
 
 
 def _rf(n_samples, n_features, seed):

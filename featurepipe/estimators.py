@@ -59,6 +59,11 @@ class ScaledNystroem(TransformerMixin, BaseEstimator):
         return out
 
 
+def ivf_lists(n_rows):
+    """Inverted lists of ``FaissKNN``'s IVF index for ``n_rows`` rows: 4 sqrt(n), at least 39 rows each."""
+    return max(1, min(int(4 * np.sqrt(n_rows)), n_rows // 39))
+
+
 class FaissKNN(ClassifierMixin, BaseEstimator):
     """k nearest neighbours by cosine similarity through faiss, distance-weighted like
     ``KNeighborsClassifier(metric="cosine", weights="distance")``.
@@ -92,13 +97,14 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
 
         if self.weights not in ("distance", "uniform"):
             raise ValueError(f"weights must be 'distance' or 'uniform', got {self.weights!r}")
+        X = np.asarray(X)  # no copy for an array; rows are normalised (copied) a block at a time
         self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
         n, d = X.shape
         self.n_features_in_ = d
         if n <= (50_000 if self.exact_max_rows is None else self.exact_max_rows):
             index = faiss.IndexFlatIP(d)
         else:
-            nlist = int(4 * np.sqrt(n))
+            nlist = ivf_lists(n)
             index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                   faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(self.random_state).choice(n, min(n, 64 * nlist), replace=False)
@@ -126,12 +132,16 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         """Class probabilities of shape (n_rows, n_classes): neighbour weights, normalised."""
+        import faiss
+
         check_is_fitted(self, "index_")
         k = min(int(self.n_neighbors), self.index_.ntotal)
         out = np.zeros((len(X), len(self.classes_)), dtype=np.float64)
         for start in range(0, len(X), 4096):
             sims, idx = self.index_.search(_unit_rows(X[start:start + 4096]), k)
-            dist = np.maximum(1.0 - sims.astype(np.float64), 0.0)
+            # 8-bit codes can put a near copy's similarity above 1: only the exact index has exact matches
+            floor = 0.0 if isinstance(self.index_, faiss.IndexFlat) else 1e-6
+            dist = np.maximum(1.0 - sims.astype(np.float64), floor)
             valid = idx >= 0
             if self.weights == "uniform":
                 w = valid.astype(np.float64)
@@ -171,8 +181,12 @@ class BlockwiseStandardScaler(StandardScaler):
 
     def fit(self, X, y=None, sample_weight=None):
         """Fit on ``X`` of shape (n_samples, n_features); returns self."""
-        self._reset()
+        if hasattr(X, "tocsr"):
+            X = X.tocsr()  # a sparse matrix that cannot be sliced by rows (COO)
         n = X.shape[0] if hasattr(X, "shape") else len(X)
+        if n <= BLOCK_ROWS:
+            return super().fit(X, y, sample_weight=sample_weight)
+        self._reset()
         for start in range(0, n, BLOCK_ROWS):
             weights = None if sample_weight is None else sample_weight[start:start + BLOCK_ROWS]
             self.partial_fit(X[start:start + BLOCK_ROWS], sample_weight=weights)

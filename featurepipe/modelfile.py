@@ -72,8 +72,8 @@ def save_bundle(bundle, path):
     """Write ``bundle`` (a dict holding the fitted model) to ``path`` atomically; its sha256.
 
     The file is written under a temporary name and renamed into place, so a reader sees the old
-    file or the new one, never half of one. It is streamed to disk (not built in memory first): a
-    kNN model holds its training rows, and a copy of them in memory could be what does not fit.
+    file or the new one, never half of one. (skops builds the whole zip in memory before writing
+    it: for a moment the model's arrays are held about three more times; the kNN plan counts it.)
     """
     import skops.io as sio
 

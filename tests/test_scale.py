@@ -207,3 +207,12 @@ def test_faiss_knn_above_its_threshold_keeps_8_bit_codes_and_adds_in_blocks(monk
     assert "ScalarQuantizer" in type(approx.index_).__name__ and approx.index_.ntotal == len(X)
     assert approx.index_.code_size == X.shape[1]  # one byte per feature
     assert (approx.predict(X) == exact.predict(X)).mean() >= 0.95
+
+
+def test_faiss_knn_takes_lists_and_few_rows_above_its_threshold():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 4)).tolist()
+    y = [0, 1] * 6
+    knn = FaissKNN(n_neighbors=3, exact_max_rows=5).fit(X, y)
+    assert knn.index_.ntotal == 12 and knn.index_.nlist == 1  # at least 39 rows per list
+    assert knn.predict(X).shape == (12,) and np.allclose(knn.predict_proba(X).sum(axis=1), 1.0)
