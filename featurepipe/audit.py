@@ -198,7 +198,7 @@ def search_method(n_rows, *, exact_max_rows=EXACT_MAX_ROWS):
     return "exact (blocked matrix products; faiss is not installed)"
 
 
-def similar_pairs(X, threshold, *, exact_max_rows=EXACT_MAX_ROWS, block_bytes=BLOCK_BYTES):
+def similar_pairs(X, threshold, *, exact_max_rows=EXACT_MAX_ROWS, block_bytes=BLOCK_BYTES, quiet=True):
     """Pairs of rows whose cosine is at least ``threshold``.
 
     Parameters
@@ -210,22 +210,27 @@ def similar_pairs(X, threshold, *, exact_max_rows=EXACT_MAX_ROWS, block_bytes=BL
         Up to this many rows every pair is checked (faiss's flat index, else blocked matrix
         products, memory bounded by ``block_bytes``); past it faiss's IVF index (``IVF_PROBES``
         nearest cells of about sqrt(n) per row) finds the pairs.
+    quiet : bool
+        No progress bar (rows searched, on stderr).
 
     Returns
     -------
     i, j : ndarray of shape (n_pairs,), int64, with i < j
     cosine : ndarray of shape (n_pairs,), float32
     """
+    from .chunks import progress
+
     X = np.ascontiguousarray(l2_normalize(X))
     faiss = _faiss()
-    if faiss is None:
-        if len(X) > exact_max_rows:
-            warnings.warn(f"{len(X)} images and faiss is not installed (pip install 'featurepipe[audit]'): "
-                          "checking every pair, which takes long", stacklevel=2)
-        i, j, cos = _exact_pairs(X, threshold, block_bytes=block_bytes)
-    else:
-        index = faiss.IndexFlatIP(X.shape[1]) if len(X) <= exact_max_rows else _ivf_index(faiss, X)
-        i, j, cos = _range_pairs(index, X, threshold, block_bytes=block_bytes)
+    with progress(len(X), "near-duplicates", quiet) as bar:
+        if faiss is None:
+            if len(X) > exact_max_rows:
+                warnings.warn(f"{len(X)} images and faiss is not installed (pip install 'featurepipe[audit]'): "
+                              "checking every pair, which takes long", stacklevel=2)
+            i, j, cos = _exact_pairs(X, threshold, block_bytes=block_bytes, bar=bar)
+        else:
+            index = faiss.IndexFlatIP(X.shape[1]) if len(X) <= exact_max_rows else _ivf_index(faiss, X)
+            i, j, cos = _range_pairs(index, X, threshold, block_bytes=block_bytes, bar=bar)
     order = np.lexsort((j, i, -cos))
     return i[order], j[order], cos[order]
 
@@ -238,7 +243,7 @@ def _faiss():
     return faiss
 
 
-def _exact_pairs(X, threshold, *, block_bytes):
+def _exact_pairs(X, threshold, *, block_bytes, bar):
     n = len(X)
     rows = max(1, min(n, block_bytes // (4 * max(n, 1))))
     found = []
@@ -247,6 +252,7 @@ def _exact_pairs(X, threshold, *, block_bytes):
         sims = X[start:stop] @ X[start:].T  # only columns >= start: each pair once
         a, b = np.nonzero(np.triu(sims >= threshold, k=1))
         found.append((a + start, b + start, sims[a, b]))
+        bar.update(stop - start)
     return _stack(found)
 
 
@@ -267,7 +273,7 @@ def _ivf_index(faiss, X, *, seed=0):
     return index
 
 
-def _range_pairs(index, X, threshold, *, block_bytes):
+def _range_pairs(index, X, threshold, *, block_bytes, bar):
     """Every (i, j > i) with inner product >= threshold that ``index`` finds, a block of queries at a time."""
     if index.ntotal == 0:
         index.add(X)
@@ -278,6 +284,7 @@ def _range_pairs(index, X, threshold, *, block_bytes):
         a = np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64)) + start
         keep = nbrs > a
         found.append((a[keep], nbrs[keep], sims[keep]))
+        bar.update(len(lims) - 1)
     return _stack(found)
 
 
@@ -325,7 +332,7 @@ def whitened(X, *, dims=WHITEN_DIMS, fit_rows=WHITEN_FIT_ROWS, seed=0):
     return out, f"whitened to {out.shape[1]} axes"
 
 
-def find_duplicates(fs, *, threshold=DEFAULT_THRESHOLD, exact_max_rows=EXACT_MAX_ROWS):
+def find_duplicates(fs, *, threshold=DEFAULT_THRESHOLD, exact_max_rows=EXACT_MAX_ROWS, quiet=True):
     """Near-duplicate pairs of a ``FeatureSet`` (cosine of the whitened features).
 
     Returns
@@ -340,7 +347,7 @@ def find_duplicates(fs, *, threshold=DEFAULT_THRESHOLD, exact_max_rows=EXACT_MAX
         "needed), so near-duplicates were searched on the centred features, where distinct photos of a "
         "class score higher than after whitening: check the pairs near the threshold")
     search = SearchSpace(space=space, method=search_method(len(Xw), exact_max_rows=exact_max_rows), warning=warning)
-    i, j, cos = similar_pairs(Xw, threshold, exact_max_rows=exact_max_rows)
+    i, j, cos = similar_pairs(Xw, threshold, exact_max_rows=exact_max_rows, quiet=quiet)
     pairs = [DuplicatePair(str(fs.paths[a]), str(fs.paths[b]), str(fs.split[a]), str(fs.split[b]), float(c))
              for a, b, c in zip(i, j, cos)]
     return pairs, _count_groups(len(fs.paths), i, j), search
@@ -712,7 +719,7 @@ def _run_audit(fs, files, folder, out, *, threshold, seeds, seed, n_jobs, exact_
     notes = []
 
     say("near-duplicates")
-    pairs, n_groups, search = find_duplicates(fs, threshold=threshold, exact_max_rows=exact_max_rows)
+    pairs, n_groups, search = find_duplicates(fs, threshold=threshold, exact_max_rows=exact_max_rows, quiet=quiet)
     notes += [search.warning] if search.warning else []
     if not search.method.startswith("exact"):
         notes.append(f"near-duplicates: {search.method}: a pair can be missed")
