@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import UsageError
 
 _ACTIVE = {}                 # address -> Client opened by session() in this process
+_HELD = {}                   # id(Client) -> the last grid search's scattered futures (joblib_backend)
 _MODELS = {}                 # per worker process: (backbone, spec, engine) -> FeatureModel
 _MODELS_LOCK = threading.Lock()
 
@@ -96,6 +97,7 @@ def session(address):
         yield dask_client
     finally:
         del _ACTIVE[address]
+        _HELD.pop(id(dask_client), None)
         dask_client.close()
         if cluster is not None:
             cluster.close()
@@ -118,6 +120,11 @@ def joblib_backend(address, scatter=None):
     with session(address) as dask_client:
         extra = {"scatter": list(scatter)} if scatter is not None else {}
         with joblib.parallel_config(backend="dask", **extra):
+            # The scattered rows' keys are content hashes, so the next search on the same rows (the
+            # next row of compare) scatters the same keys: the previous search's futures are let go
+            # only now, after that scatter, or the scheduler could forget the keys the new tasks need.
+            backend = joblib.parallel.get_active_backend()[0]
+            _HELD[id(dask_client)] = list(getattr(backend, "data_futures", {}).values())
             yield dask_client
 
 

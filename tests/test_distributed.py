@@ -247,3 +247,21 @@ def test_fit_on_dask_equals_the_local_fit(cluster, tmp_path, monkeypatch, clf):
     assert "45-row subsample" in local.best_params
     for field in ("best_params", "cv_mean", "cv_std", "test_accuracy", "n_train", "status", "confusion"):
         assert getattr(remote, field) == getattr(local, field), field
+
+
+def test_the_rows_scattered_for_one_search_stay_on_the_cluster_until_the_next_search_has_them(cluster):
+    import time
+
+    import joblib
+
+    from featurepipe.distributed import session
+
+    X, y = np.arange(4000, dtype=np.float32).reshape(1000, 4), np.arange(1000) % 2
+    with session(cluster) as client:
+        with joblib_backend(cluster, scatter=(X, y)):
+            keys = {f.key for f in joblib.parallel.get_active_backend()[0].data_futures.values()}
+        time.sleep(1.0)  # let a release, if one was sent, reach the scheduler
+        assert keys <= set(client.who_has())  # still there between two searches of one session
+        with joblib_backend(cluster, scatter=(X, y)):  # the next search: the same rows, the same keys
+            again = {f.key for f in joblib.parallel.get_active_backend()[0].data_futures.values()}
+            assert again == keys and keys <= set(client.who_has())
